@@ -1,0 +1,1 @@
+"""Lightning callbacks for paretomerge (front logging, the MAP baseline). They import paretomerge, never the reverse."""

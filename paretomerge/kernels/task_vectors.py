@@ -1,0 +1,226 @@
+"""Task vectors: θ0 (frozen), per-layer stacked τ ``[K, *shape]``, the frozen task heads, and task names.
+
+A *layer* is one named floating-point parameter of the backbone (AdaMerging's layer-wise convention;
+ViT-B/32's visual tower has 152). Buffers and non-float parameters are always taken from θ0.
+
+`TaskVectors` is deliberately not an ``nn.Module``: a LightningModule that holds one does not register
+its tensors, so they never enter ``state_dict()``, a ``.ckpt``, or a DDP broadcast.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from paretomerge.kernels.architecture import ModuleSpec
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    return module.eval().requires_grad_(False)
+
+
+def check_task_names(task_names: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(task_names, str) or not isinstance(task_names, Sequence) or len(task_names) == 0:
+        raise ValueError(f"task_names must be a non-empty sequence of strings, got {task_names!r}")
+    names = tuple(task_names)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"task names must be non-empty strings, got {name!r}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"task names must be unique; repeated: {duplicates}")
+    return names
+
+
+def num_classes_of(head: nn.Module) -> int:
+    """Output width of a head: its last ``nn.Linear``."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot tell the number of classes of head {type(head).__name__}: it has no nn.Linear")
+    return linears[-1].out_features
+
+
+class TaskVectors:
+    """θ0 + stacked task vectors + heads. Build with `from_state_dicts` (or `base_only` for a checkpoint)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tau: Mapping[str, Tensor] | None,
+        heads: Mapping[str, nn.Module],
+        task_names: Sequence[str],
+        backbone_spec: ModuleSpec,
+        head_specs: Mapping[str, ModuleSpec],
+    ) -> None:
+        self.backbone = _freeze(backbone)
+        self.task_names = check_task_names(task_names)
+        self.heads = nn.ModuleDict({name: _freeze(heads[name]) for name in self.task_names})
+        self.backbone_spec = backbone_spec
+        self.head_specs = dict(head_specs)
+        # The merged layers, in a fixed order: index l of λ[l, k] is layer_names[l].
+        self.layer_names = tuple(n for n, p in self.backbone.named_parameters() if p.is_floating_point())
+        self.tau = dict(tau) if tau is not None else None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_state_dicts(
+        cls,
+        pretrained: nn.Module,
+        finetuned: Sequence[Mapping[str, Tensor]],
+        task_names: Sequence[str],
+        heads: Mapping[str, nn.Module],
+        *,
+        dtype: torch.dtype | None = None,
+        backbone_spec: ModuleSpec | None = None,
+    ) -> TaskVectors:
+        """τ_k = θ_k − θ0 for every floating-point parameter, stacked to ``[K, *shape]``.
+
+        ``dtype`` stores τ in another dtype (``torch.bfloat16`` halves memory); merging computes in θ0's
+        dtype. ``backbone_spec`` tells a fresh process how to rebuild the backbone; it may be left out when
+        ``pretrained`` was built by ``ModuleSpec.build``.
+        """
+        if not isinstance(pretrained, nn.Module):
+            raise TypeError(f"pretrained must be an nn.Module, got {type(pretrained).__name__}")
+        names = check_task_names(task_names)
+        if isinstance(finetuned, Mapping) or not isinstance(finetuned, Sequence):
+            raise TypeError("finetuned must be a sequence of state dicts, one per task")
+        if len(finetuned) != len(names):
+            raise ValueError(f"got {len(finetuned)} fine-tuned state dicts for {len(names)} task names")
+        if not isinstance(heads, Mapping) or set(heads) != set(names):
+            got = sorted(heads) if isinstance(heads, Mapping) else type(heads).__name__
+            raise ValueError(f"heads must map exactly the task names {list(names)} to modules, got {got}")
+        for name in names:
+            if not isinstance(heads[name], nn.Module):
+                raise TypeError(f"head for task {name!r} is a {type(heads[name]).__name__}, not an nn.Module")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"task-vector dtype must be floating point, got {dtype}")
+
+        backbone_spec = backbone_spec or ModuleSpec.of(pretrained)
+        if backbone_spec is None:
+            raise ValueError(
+                f"cannot record how to rebuild the {type(pretrained).__name__} backbone: pass "
+                "backbone_spec=ModuleSpec(...) or build the backbone with ModuleSpec.build()"
+            )
+        head_specs = {}
+        for name in names:
+            spec = ModuleSpec.of(heads[name])
+            if spec is None:
+                raise ValueError(
+                    f"cannot record how to rebuild the head of task {name!r} ({type(heads[name]).__name__}); "
+                    "use nn.Linear heads or build them with ModuleSpec.build()"
+                )
+            head_specs[name] = spec
+
+        backbone = copy.deepcopy(pretrained)
+        reference = backbone.state_dict()
+        params = dict(backbone.named_parameters())
+        for task, state in zip(names, finetuned, strict=True):
+            _check_state_dict(task, state, reference)
+
+        tau = {}
+        for layer, theta0 in params.items():
+            if not theta0.is_floating_point():
+                continue
+            with torch.no_grad():
+                stacked = torch.stack([s[layer].to(theta0.device, theta0.dtype) - theta0 for s in finetuned])
+            tau[layer] = stacked.to(dtype or theta0.dtype)
+        heads_copy = {name: copy.deepcopy(heads[name]) for name in names}
+        return cls(backbone, tau, heads_copy, names, backbone_spec, head_specs)
+
+    @classmethod
+    def base_only(
+        cls,
+        backbone_spec: ModuleSpec,
+        base_state: Mapping[str, Tensor],
+        head_specs: Mapping[str, ModuleSpec],
+        head_states: Mapping[str, Mapping[str, Tensor]],
+        task_names: Sequence[str],
+    ) -> TaskVectors:
+        """A backbone whose weights already are θ0 + Σλτ, with no task vectors (what a `.ckpt` carries)."""
+        backbone = backbone_spec.build()
+        backbone.load_state_dict(base_state, strict=True)
+        heads = {}
+        for name in task_names:
+            head = head_specs[name].build()
+            head.load_state_dict(head_states[name], strict=True)
+            heads[name] = head
+        return cls(backbone, None, heads, task_names, backbone_spec, head_specs)
+
+    # ---------------------------------------------------------------- views
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def has_task_vectors(self) -> bool:
+        return self.tau is not None
+
+    @property
+    def theta0(self) -> dict[str, Tensor]:
+        """The merged layers of θ0 (the backbone's own frozen parameters, not copies)."""
+        params = dict(self.backbone.named_parameters())
+        return {name: params[name] for name in self.layer_names}
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        return {name: num_classes_of(self.heads[name]) for name in self.task_names}
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.backbone.parameters())).device
+
+    def to(self, device: torch.device | str) -> TaskVectors:
+        """Move everything to ``device`` in place; returns self."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        self.backbone.to(device)
+        self.heads.to(device)
+        if self.tau is not None:
+            self.tau = {name: t.to(device) for name, t in self.tau.items()}
+        return self
+
+    def nbytes(self) -> int:
+        """Bytes held by the stacked task vectors."""
+        return sum(t.numel() * t.element_size() for t in (self.tau or {}).values())
+
+    def __repr__(self) -> str:
+        kind = "τ" if self.has_task_vectors else "base only"
+        return (
+            f"TaskVectors(tasks={list(self.task_names)}, layers={len(self.layer_names)}, {kind}, "
+            f"backbone={type(self.backbone).__name__})"
+        )
+
+
+def _check_state_dict(task: str, state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> None:
+    """Refuse a fine-tuned state dict that does not match θ0, naming the first offending parameter."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"task {task!r}: fine-tuned weights must be a state dict, got {type(state).__name__}")
+    for name, ref in reference.items():
+        if name not in state:
+            raise ValueError(
+                f"task {task!r}: parameter {name!r} of the pretrained model is missing from the fine-tuned "
+                "weights (different architecture?)"
+            )
+        value = state[name]
+        if not isinstance(value, Tensor):
+            raise TypeError(f"task {task!r}: {name!r} is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"task {task!r}: parameter {name!r} has shape {tuple(value.shape)} but the pretrained model "
+                f"has {tuple(ref.shape)}"
+            )
+        if ref.is_floating_point():
+            if not value.is_floating_point():
+                raise ValueError(f"task {task!r}: parameter {name!r} is {value.dtype}, expected floating point")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"task {task!r}: parameter {name!r} contains NaN or inf")
+    for name in state:
+        if name not in reference:
+            raise ValueError(
+                f"task {task!r}: the fine-tuned weights have parameter {name!r}, which the pretrained "
+                "model does not (different architecture?)"
+            )

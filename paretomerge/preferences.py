@@ -1,0 +1,71 @@
+"""Preferences on the simplex: seeded Dirichlet draws, grids, and validation of user input (SPEC §3, §4, §7)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def validate_preference(preference: Sequence[float] | np.ndarray | Tensor, num_tasks: int) -> Tensor:
+    """Check a user preference and return it normalised to sum 1, as float32 ``[K]``.
+
+    Refused: wrong length or rank, non-numbers, NaN/inf, a negative entry, or a zero sum.
+    """
+    if isinstance(preference, (str, bytes)):
+        raise TypeError(f"preference must be a sequence of {num_tasks} numbers, got a string")
+    try:
+        array = np.asarray(
+            preference.detach().cpu().numpy() if isinstance(preference, Tensor) else preference
+        )
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"preference must be a sequence of {num_tasks} numbers: {err}") from err
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise TypeError(f"preference must hold numbers, got dtype {array.dtype}: {preference!r}")
+    if array.ndim != 1 or array.shape[0] != num_tasks:
+        raise ValueError(f"preference must have {num_tasks} entries (one per task), got shape {array.shape}")
+    array = array.astype(np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError(f"preference contains NaN or inf: {array.tolist()}")
+    if (array < 0).any():
+        raise ValueError(f"preference entries must be non-negative, got {array.tolist()}")
+    total = array.sum()
+    if not total > 0:
+        raise ValueError(f"preference must have a positive sum, got {array.tolist()}")
+    if not np.isfinite(total):
+        raise ValueError(f"preference entries are too large to normalise (their sum overflows): {array.tolist()}")
+    return torch.as_tensor(array / total, dtype=torch.float32)
+
+
+def sample_dirichlet(num_tasks: int, alpha: float, seed: int, step: int, rank: int = 0) -> Tensor:
+    """γ ~ Dir(α·1), a pure function of ``(seed, step, rank)`` so a resumed run repeats its draws."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, step, rank]))
+    return torch.as_tensor(rng.dirichlet(np.full(num_tasks, float(alpha))), dtype=torch.float32)
+
+
+def simplex_grid(num_tasks: int, n_partitions: int) -> Tensor:
+    """Das-Dennis points on the simplex (pymoo reference directions): ``[C(n+K-1, K-1), K]``."""
+    from pymoo.util.ref_dirs import get_reference_directions
+
+    points = get_reference_directions("das-dennis", num_tasks, n_partitions=n_partitions)
+    return torch.as_tensor(points, dtype=torch.float32)
+
+
+def equal_and_one_hots(num_tasks: int) -> Tensor:
+    """The equal preference followed by the K one-hots: ``[K+1, K]``."""
+    return torch.cat([torch.full((1, num_tasks), 1.0 / num_tasks), torch.eye(num_tasks)])
+
+
+def front_preferences(num_tasks: int, seed: int = 0, total: int = 30) -> Tensor:
+    """The preference set used to evaluate a front (SPEC §4)."""
+    if num_tasks == 2:
+        return simplex_grid(2, 10)
+    if num_tasks == 3:
+        return simplex_grid(3, 7)
+    fixed = equal_and_one_hots(num_tasks)
+    extra = max(total - fixed.shape[0], 0)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, num_tasks]))
+    draws = torch.as_tensor(rng.dirichlet(np.ones(num_tasks), size=extra), dtype=torch.float32)
+    return torch.cat([fixed, draws])
