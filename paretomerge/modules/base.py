@@ -1,0 +1,230 @@
+"""The shared base of every learned merge: task vectors, λ, per-task evaluation, `at(...)`, `.ckpt` I/O.
+
+Subclasses add trainable structure in `_build_trainable`, preference-dependent deltas in `deltas`, and
+their objective in `training_step`. Merging and running always go through `paretomerge.kernels`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from paretomerge.kernels import TaskVectors, forward_tasks, merge
+from paretomerge.modules import checkpoint as ckpt
+from paretomerge.preferences import equal_and_one_hots, validate_preference
+
+
+class MergedModel(nn.Module):
+    """An ordinary model returned by ``at(...)``: ``net(images, task=name)`` = ``heads[name](backbone(images))``."""
+
+    def __init__(self, backbone: nn.Module, heads: nn.ModuleDict) -> None:
+        super().__init__()
+        self.backbone, self.heads = backbone, heads
+        self.task_names = tuple(heads.keys())
+
+    def forward(self, images: Tensor, task: str) -> Tensor:
+        if task not in self.heads:
+            raise KeyError(f"unknown task {task!r}; this model has tasks {list(self.task_names)}")
+        return self.heads[task](self.backbone(images))
+
+
+class MergingModule(L.LightningModule):
+    """Owns a `TaskVectors` (never registered, so never in ``state_dict``) and the layer-wise λ ``[L, K]``."""
+
+    def __init__(self, lr: float, lambda_init: float, lambda_bounds: Sequence[float] | None, seed: int) -> None:
+        super().__init__()
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr must be positive, got {lr!r}")
+        if lambda_bounds is not None:
+            if len(lambda_bounds) != 2 or not lambda_bounds[0] < lambda_bounds[1]:
+                raise ValueError(f"lambda_bounds must be (low, high) with low < high, got {lambda_bounds!r}")
+            if not lambda_bounds[0] <= lambda_init <= lambda_bounds[1]:
+                raise ValueError(f"lambda_init={lambda_init} lies outside lambda_bounds={tuple(lambda_bounds)}")
+        if not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.task_vectors: TaskVectors | None = None
+        self.lambdas: nn.Parameter | None = None
+        self.accuracy = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ task vectors and trainables
+    def attach(self, task_vectors: TaskVectors) -> None:
+        """Use ``task_vectors``; builds λ (and subclass parameters) the first time."""
+        if not isinstance(task_vectors, TaskVectors):
+            raise TypeError(f"task_vectors must be a TaskVectors, got {type(task_vectors).__name__}")
+        if self.task_vectors is not None:
+            section = {"task_names": self.task_vectors.task_names, "layer_names": self.task_vectors.layer_names}
+            ckpt.check_same_task_set(section, task_vectors)
+        self.task_vectors = task_vectors
+        if self.lambdas is None:
+            self._build_trainable(task_vectors)
+            self._build_metrics(task_vectors)
+
+    def _build_trainable(self, tv: TaskVectors) -> None:
+        shape = (len(tv.layer_names), tv.num_tasks)
+        self.lambdas = nn.Parameter(torch.full(shape, float(self.hparams.lambda_init), device=self.device))
+
+    def _build_metrics(self, tv: TaskVectors) -> None:
+        for stage in ("val", "test"):
+            self.accuracy[stage] = nn.ModuleList(
+                nn.ModuleList(MulticlassAccuracy(num_classes=c) for c in tv.num_classes.values())
+                for _ in range(self.evaluation_preferences(tv.num_tasks).shape[0])
+            ).to(self.device)
+
+    def _tv(self) -> TaskVectors:
+        if self.task_vectors is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no task vectors: pass task_vectors=... to the constructor, fit with "
+                "a datamodule that has task_vectors(), or load a .ckpt"
+            )
+        return self.task_vectors.to(self.device)
+
+    def setup(self, stage: str) -> None:
+        if self.task_vectors is not None and self.task_vectors.has_task_vectors:
+            return
+        provider = getattr(self.trainer.datamodule, "task_vectors", None) if self._trainer else None
+        if provider is not None:
+            self.attach(provider())
+        elif self.task_vectors is None:
+            self._tv()  # raises the explanation
+        elif stage == "fit":
+            raise RuntimeError(
+                "this model was loaded from a .ckpt, which holds no task vectors; to train it, fit with a "
+                "datamodule whose task_vectors() gives the same tasks"
+            )
+
+    # ------------------------------------------------------------------ the merged model
+    def deltas(self, gamma: Tensor | None) -> dict[str, Tensor] | None:
+        """Preference-dependent additions to the merged weights; none in the base."""
+        return None
+
+    def merged_parameters(self, gamma: Tensor | None) -> dict[str, Tensor]:
+        """θ(λ, γ) for every merged layer, through the one merge kernel."""
+        tv = self._tv()
+        coefficients = self.lambdas if tv.has_task_vectors else None  # a .ckpt base already holds Σλτ
+        return merge(tv.theta0, tv.tau, coefficients, self.deltas(gamma))
+
+    def forward(self, batch: Mapping[str, Tensor], gamma: Tensor | None = None) -> dict[str, Tensor]:
+        """Logits per task for ``batch`` (task -> images) under θ(λ, γ)."""
+        tv = self._tv()
+        return forward_tasks(tv.backbone, tv.heads, self.merged_parameters(gamma), batch)
+
+    @torch.no_grad()
+    def at(self, preference: Sequence[float] | Tensor) -> MergedModel:
+        """A plain eval-mode model with weights θ(λ, γ) and the task heads; γ is validated and normalised."""
+        tv = self._tv()
+        gamma = validate_preference(preference, tv.num_tasks).to(self.device)
+        params = self.merged_parameters(gamma)
+        backbone = copy.deepcopy(tv.backbone)
+        own = dict(backbone.named_parameters())
+        for name, value in params.items():
+            own[name].copy_(value)
+        return MergedModel(backbone, copy.deepcopy(tv.heads)).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.hparams.lambda_bounds is not None:
+            with torch.no_grad():
+                self.lambdas.clamp_(*self.hparams.lambda_bounds)
+
+    @staticmethod
+    def unlabeled(batch: Mapping[str, Any], task_names: Sequence[str]) -> dict[str, Tensor]:
+        """task -> images from a training batch whose values are images or (images, ...) tuples."""
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"a training batch must be a dict task -> images, got {type(batch).__name__}")
+        missing = [t for t in task_names if t not in batch]
+        if missing:
+            raise KeyError(f"the training batch has no images for tasks {missing} (it has {list(batch)})")
+        out = {}
+        for task in task_names:
+            value = batch[task]
+            out[task] = value[0] if isinstance(value, (list, tuple)) else value
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluation_preferences(self, num_tasks: int) -> Tensor:
+        """``[P, K]``: the equal preference and each one-hot."""
+        return equal_and_one_hots(num_tasks)
+
+    def preference_label(self, index: int) -> str:
+        return "equal" if index == 0 else f"onehot_{self.task_vectors.task_names[index - 1]}"
+
+    def _evaluate_step(self, batch: Mapping[str, Any], stage: str) -> None:
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"{stage} batches must be dicts task -> (images, labels); return "
+                "CombinedLoader({task: loader}, mode='max_size') from the dataloader hook"
+            )
+        tv = self._tv()
+        labeled = {t: v for t, v in batch.items() if v is not None}
+        images = {t: v[0] for t, v in labeled.items()}
+        preferences = self.evaluation_preferences(tv.num_tasks).to(self.device)
+        for p, gamma in enumerate(preferences):
+            logits = self(images, gamma)
+            for k, task in enumerate(tv.task_names):
+                if task in labeled:
+                    self.accuracy[stage][p][k].update(logits[task], labeled[task][1])
+
+    def _evaluate_epoch_end(self, stage: str) -> None:
+        tv = self._tv()
+        for p, row in enumerate(self.accuracy[stage]):
+            label = self.preference_label(p)
+            values = [metric.compute() for metric in row]
+            for task, value in zip(tv.task_names, values, strict=True):
+                self.log(f"{stage}/acc/{label}/{task}", value)
+            self.log(f"{stage}/acc/{label}/mean", torch.stack(values).mean(), prog_bar=(p == 0))
+            for metric in row:
+                metric.reset()
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluate_epoch_end("val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluate_epoch_end("test")
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        tv = self._tv()
+        with torch.no_grad():
+            base = merge(tv.theta0, tv.tau, self.lambdas if tv.has_task_vectors else None)
+        checkpoint[ckpt.SECTION] = ckpt.pack(tv, base)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        section = ckpt.section_of(checkpoint)
+        if self.task_vectors is None:
+            self.attach(ckpt.unpack(section))
+        else:
+            ckpt.check_same_task_set(section, self.task_vectors)
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool = True,
+        **kwargs: Any,
+    ):
+        """Lightning's loader, after checking the file; unpickles nothing but weights unless told to."""
+        if not hasattr(checkpoint_path, "read"):
+            ckpt.inspect_checkpoint(checkpoint_path, weights_only=weights_only)
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
+            weights_only=weights_only, **kwargs,
+        )

@@ -1,0 +1,103 @@
+"""Pareto Merging (SPEC §3): layer-wise λ plus a low-rank preference tensor, trained over γ ~ Dir(α·1)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from paretomerge.kernels import DEFAULT_TARGETS, PreferenceTensor, TaskVectors, select_targets
+from paretomerge.modules.base import MergingModule
+from paretomerge.objectives import cosine_alignment, entropy, frobenius_penalty, smooth_tchebycheff
+from paretomerge.preferences import sample_dirichlet
+
+
+class ParetoMerging(MergingModule):
+    """Learns the Pareto set of merged models in one run; ``at(γ)`` gives the model for a preference.
+
+    Args (defaults are SPEC §3's):
+        task_vectors: a `TaskVectors`; if None, ``trainer.datamodule.task_vectors()`` is used in ``setup``.
+        rank: r of the preference tensor (cores ``[r, r, K]``).
+        alpha: Dirichlet concentration of the sampled preferences.
+        mu: smooth-Tchebycheff temperature.
+        beta_cos: weight of the cosine alignment between entropies and 1/γ (subtracted).
+        beta_frob: weight of Σ‖G‖_F².
+        lr: Adam learning rate.
+        lambda_init: initial value of every λ[l, k].
+        lambda_bounds: λ is clamped to this range after each optimizer step; None leaves it free.
+        targets: regex over parameter names choosing the preference tensor's target matrices; None for no
+            preference tensor (γ then only weights the objective: an ablation, and the benchmark baseline).
+        eps: floor of γ inside 1/γ.
+        seed: seeds the preference tensor's init and every γ draw (keyed by seed, step, rank).
+    """
+
+    def __init__(
+        self,
+        task_vectors: TaskVectors | None = None,
+        rank: int = 16,
+        alpha: float = 1.0,
+        mu: float = 0.1,
+        beta_cos: float = 0.1,
+        beta_frob: float = 1.0,
+        lr: float = 1e-3,
+        lambda_init: float = 0.3,
+        lambda_bounds: Sequence[float] | None = (0.0, 1.0),
+        targets: str | None = DEFAULT_TARGETS,
+        eps: float = 1e-3,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, seed=seed)
+        self.save_hyperparameters(ignore=["task_vectors"])
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        for name, value in (("alpha", alpha), ("mu", mu), ("eps", eps)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        for name, value in (("beta_cos", beta_cos), ("beta_frob", beta_frob)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be non-negative, got {value!r}")
+        self.preference_tensor: PreferenceTensor | None = None
+        if task_vectors is not None:
+            self.attach(task_vectors)
+
+    def _build_trainable(self, tv: TaskVectors) -> None:
+        super()._build_trainable(tv)
+        if tv.num_tasks < 2:
+            raise ValueError(f"Pareto Merging needs at least 2 tasks, got {tv.num_tasks}")
+        if self.hparams.targets is not None:
+            shapes = select_targets(dict(tv.backbone.named_parameters()), self.hparams.targets)
+            self.preference_tensor = PreferenceTensor(
+                shapes, tv.num_tasks, self.hparams.rank, seed=self.hparams.seed
+            ).to(self.device)
+
+    def deltas(self, gamma: Tensor | None) -> dict[str, Tensor] | None:
+        if self.preference_tensor is None:
+            return None
+        if gamma is None:
+            raise ValueError("ParetoMerging needs a preference γ to build its weights")
+        return self.preference_tensor.delta(gamma)
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        tv = self._tv()
+        images = self.unlabeled(batch, tv.task_names)
+        hp = self.hparams
+        gamma = sample_dirichlet(tv.num_tasks, hp.alpha, hp.seed, self.global_step, self.global_rank)
+        gamma = gamma.to(self.device)
+        logits = self(images, gamma)
+        f = torch.stack([entropy(logits[t]) for t in tv.task_names])
+        stch = smooth_tchebycheff(f, gamma, hp.mu)
+        cos = cosine_alignment(f, gamma, hp.eps)
+        frob = frobenius_penalty(self.preference_tensor.cores()) if self.preference_tensor is not None else 0.0
+        loss = stch - hp.beta_cos * cos + hp.beta_frob * frob
+        if not torch.isfinite(loss):
+            bad = [t for t, v in zip(tv.task_names, f.tolist(), strict=True) if not torch.isfinite(torch.tensor(v))]
+            culprit = f"task entropy not finite for {bad}" if bad else "entropies are finite; a regulariser is not"
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at step {self.global_step}, preference "
+                f"{[round(x, 4) for x in gamma.tolist()]}: {culprit}"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({"train/stch": stch, "train/cos": cos, "train/frob": torch.as_tensor(frob)})
+        self.log("train/mean_entropy", f.mean())
+        return loss
