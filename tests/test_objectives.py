@@ -1,0 +1,84 @@
+"""Objectives: limits, bounds, numerical safety and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paretomerge.objectives import (
+    cosine_alignment,
+    entropy,
+    frobenius_penalty,
+    linear_scalarization,
+    smooth_tchebycheff,
+)
+
+finite = st.floats(min_value=0.0, max_value=10.0, allow_nan=False)
+weights = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(finite, weights), min_size=2, max_size=8))
+def test_stch_is_bounded_by_weighted_max_and_tends_to_it(pairs):
+    f = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+    gamma = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    weighted_max = float((gamma * f).max())
+    for mu in (1.0, 0.1, 1e-3):
+        value = float(smooth_tchebycheff(f, gamma, mu))
+        assert weighted_max - 1e-9 <= value <= weighted_max + mu * math.log(len(pairs)) + 1e-9
+    assert abs(float(smooth_tchebycheff(f, gamma, 1e-6)) - weighted_max) < 1e-5
+
+
+def test_stch_refuses_non_positive_mu():
+    with pytest.raises(ValueError, match="mu must be positive"):
+        smooth_tchebycheff(torch.ones(2), torch.ones(2), 0.0)
+
+
+def test_entropy_known_values_and_extreme_logits():
+    assert float(entropy(torch.zeros(3, 7))) == pytest.approx(math.log(7), rel=1e-6)
+    extreme = torch.tensor([[1e4, -1e4, 0.0], [-1e4, -1e4, 1e4]], requires_grad=True)
+    value = entropy(extreme)
+    value.backward()
+    assert torch.isfinite(value) and float(value.detach()) == pytest.approx(0.0, abs=1e-6)
+    assert torch.isfinite(extreme.grad).all()
+    # Mean over the batch: the loss does not grow with batch size.
+    logits = torch.randn(4, 5)
+    assert float(entropy(logits.repeat(3, 1))) == pytest.approx(float(entropy(logits)), rel=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(min_value=-1e4, max_value=1e4, allow_nan=False), min_size=2, max_size=10))
+def test_entropy_is_between_zero_and_log_classes(row):
+    value = float(entropy(torch.tensor([row], dtype=torch.float64)))
+    assert -1e-9 <= value <= math.log(len(row)) + 1e-9
+
+
+def test_cosine_alignment_is_finite_with_zero_preferences_and_rewards_inverse_alignment():
+    gamma = torch.tensor([1.0, 0.0, 0.0])
+    aligned = torch.tensor([0.001, 1.0, 1.0])  # low entropy where γ is large
+    opposed = torch.tensor([1.0, 0.001, 0.001])
+    assert torch.isfinite(cosine_alignment(aligned, gamma))
+    assert float(cosine_alignment(aligned, gamma)) > float(cosine_alignment(opposed, gamma))
+
+
+def test_linear_and_frobenius():
+    assert float(linear_scalarization(torch.tensor([1.0, 2.0]), torch.tensor([0.25, 0.75]))) == pytest.approx(1.75)
+    assert float(frobenius_penalty([torch.ones(2, 2), torch.full((3,), 2.0)])) == pytest.approx(16.0)
+    assert float(frobenius_penalty([])) == 0.0
+
+
+def test_gradients_match_finite_differences():
+    torch.manual_seed(0)
+    f = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    gamma = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    logits = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    core = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: entropy(x), (logits,))
+    assert torch.autograd.gradcheck(lambda x: smooth_tchebycheff(x, gamma, 0.1), (f,))
+    assert torch.autograd.gradcheck(lambda x: cosine_alignment(x, gamma), (f,))
+    assert torch.autograd.gradcheck(lambda x: linear_scalarization(x, gamma), (f,))
+    assert torch.autograd.gradcheck(lambda x: frobenius_penalty([x]), (core,))
