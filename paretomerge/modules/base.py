@@ -132,9 +132,13 @@ class MergingModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        self.clamp_lambdas()
+
+    @torch.no_grad()
+    def clamp_lambdas(self) -> None:
+        """Project λ into ``lambda_bounds`` (AdaMerging's rule), after every optimizer step."""
         if self.hparams.lambda_bounds is not None:
-            with torch.no_grad():
-                self.lambdas.clamp_(*self.hparams.lambda_bounds)
+            self.lambdas.clamp_(*self.hparams.lambda_bounds)
 
     @staticmethod
     def unlabeled(batch: Mapping[str, Any], task_names: Sequence[str]) -> dict[str, Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -78,26 +79,36 @@ class ParetoMerging(MergingModule):
             raise ValueError("ParetoMerging needs a preference γ to build its weights")
         return self.preference_tensor.delta(gamma)
 
+    def objective(self, logits: Mapping[str, Tensor], gamma: Tensor) -> dict[str, Tensor]:
+        """SPEC §3: ``loss = STCH_μ(f; γ) − β_cos·cos(f, 1/γ̃) + β_frob·Σ‖G‖²`` with f_k the mean entropy of task k.
+
+        Returns the loss and its parts (``stch``, ``cos``, ``frob``, ``entropies [K]``).
+        """
+        hp = self.hparams
+        f = torch.stack([entropy(logits[t]) for t in self._tv().task_names])
+        stch = smooth_tchebycheff(f, gamma, hp.mu)
+        cos = cosine_alignment(f, gamma, hp.eps)
+        cores = self.preference_tensor.cores() if self.preference_tensor is not None else []
+        frob = frobenius_penalty(cores).to(f)
+        loss = stch - hp.beta_cos * cos + hp.beta_frob * frob
+        return {"loss": loss, "stch": stch, "cos": cos, "frob": frob, "entropies": f}
+
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         tv = self._tv()
         images = self.unlabeled(batch, tv.task_names)
         hp = self.hparams
         gamma = sample_dirichlet(tv.num_tasks, hp.alpha, hp.seed, self.global_step, self.global_rank)
         gamma = gamma.to(self.device)
-        logits = self(images, gamma)
-        f = torch.stack([entropy(logits[t]) for t in tv.task_names])
-        stch = smooth_tchebycheff(f, gamma, hp.mu)
-        cos = cosine_alignment(f, gamma, hp.eps)
-        frob = frobenius_penalty(self.preference_tensor.cores()) if self.preference_tensor is not None else 0.0
-        loss = stch - hp.beta_cos * cos + hp.beta_frob * frob
+        parts = self.objective(self(images, gamma), gamma)
+        loss, f = parts["loss"], parts["entropies"]
         if not torch.isfinite(loss):
-            bad = [t for t, v in zip(tv.task_names, f.tolist(), strict=True) if not torch.isfinite(torch.tensor(v))]
+            bad = [t for t, v in zip(tv.task_names, f.tolist(), strict=True) if not math.isfinite(v)]
             culprit = f"task entropy not finite for {bad}" if bad else "entropies are finite; a regulariser is not"
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} at step {self.global_step}, preference "
                 f"{[round(x, 4) for x in gamma.tolist()]}: {culprit}"
             )
         self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({"train/stch": stch, "train/cos": cos, "train/frob": torch.as_tensor(frob)})
+        self.log_dict({f"train/{k}": parts[k] for k in ("stch", "cos", "frob")})
         self.log("train/mean_entropy", f.mean())
         return loss
