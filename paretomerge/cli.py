@@ -28,8 +28,9 @@ class ParetoMergeCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path and str(path) not in _SPECIAL_CKPT_PATHS:
+            weights_only = self.config[subcommand].get("weights_only") is not False
             try:
-                inspect_checkpoint(path)  # before Lightning reads hyperparameters out of it
+                inspect_checkpoint(path, weights_only)  # before Lightning reads hyperparameters out of it
             except (CheckpointError, FileNotFoundError) as err:
                 sys.exit(f"paretomerge {subcommand}: --ckpt_path {err}")
 

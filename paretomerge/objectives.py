@@ -12,10 +12,11 @@ from torch import Tensor
 def entropy(logits: Tensor) -> Tensor:
     """Mean over the batch of the prediction entropy H(softmax(logits)), in nats. ``logits``: ``[B, C]``.
 
-    Computed from ``log_softmax`` so extreme logits (±1e4) stay finite.
+    Computed from ``log_softmax`` so extreme logits (±1e4) stay finite; a ``-inf`` logit (a masked class)
+    contributes 0, not ``0 · -inf``.
     """
     log_p = F.log_softmax(logits, dim=-1)
-    return -(log_p.exp() * log_p).sum(-1).mean()
+    return -(log_p.exp() * log_p.clamp_min(torch.finfo(log_p.dtype).min)).sum(-1).mean()
 
 
 def smooth_tchebycheff(f: Tensor, gamma: Tensor, mu: float, ideal: Tensor | float = 0.0) -> Tensor:

@@ -16,10 +16,12 @@ def validate_preference(preference: Sequence[float] | np.ndarray | Tensor, num_t
     """
     if isinstance(preference, (str, bytes)):
         raise TypeError(f"preference must be a sequence of {num_tasks} numbers, got a string")
+    if isinstance(preference, Tensor):
+        if preference.dtype == torch.bool or preference.is_complex():
+            raise TypeError(f"preference must hold real numbers, got a {preference.dtype} tensor")
+        preference = preference.detach().cpu().double().numpy()
     try:
-        array = np.asarray(
-            preference.detach().cpu().numpy() if isinstance(preference, Tensor) else preference
-        )
+        array = np.asarray(preference)
     except (TypeError, ValueError) as err:
         raise TypeError(f"preference must be a sequence of {num_tasks} numbers: {err}") from err
     if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):

@@ -2,21 +2,37 @@
 
 A `.ckpt` stores weights only (loaded with ``weights_only=True``), so the module *structure* has to be
 described by data: ``ModuleSpec(target, kwargs, attr)`` means ``getattr(target(**kwargs), attr)``.
-Only ``nn.Module`` subclasses and a short allowlist of factories may be targets, and kwargs must be
-plain JSON-like values, so a checkpoint cannot make this code call anything else.
+
+A spec read from a checkpoint is untrusted, so `build` only
+- imports nothing new: the target's module must be already imported, or part of torch, open_clip or
+  paretomerge (import your own module before loading a checkpoint that names a class of it);
+- calls ``nn.Module`` subclasses, or ``open_clip.create_model`` with ``pretrained=None`` and a known model
+  name (nothing it could download, unpickle or read from disk);
+- refuses kwargs whose names suggest loading (``pretrained``, ``*path*``, ``cache_dir``, ``*weights*``...)
+  unless they are None or False;
+- passes plain JSON-like kwargs.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-# Factories (not classes) that a spec may name. Everything else must be an nn.Module subclass.
-ALLOWED_FACTORIES = frozenset({"open_clip:create_model", "open_clip.factory:create_model"})
+# Factories (not classes) that a spec may name, with the only kwargs they may get. Everything else must be
+# an nn.Module subclass.
+ALLOWED_FACTORIES = {
+    "open_clip:create_model": frozenset({"model_name", "pretrained", "force_quick_gelu"}),
+    "open_clip.factory:create_model": frozenset({"model_name", "pretrained", "force_quick_gelu"}),
+}
+TRUSTED_PACKAGES = frozenset({"torch", "open_clip", "paretomerge"})
+# kwargs that could make a constructor read, fetch or unpickle something; refused unless None or False.
+_LOADING_KWARG = re.compile(r"pretrain|path|file|url|cache|checkpoint|ckpt|weight|hub|download|jit|device", re.I)
 _SPEC_ATTRIBUTE = "_paretomerge_spec"
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -57,19 +73,40 @@ class ModuleSpec:
 
     def _resolve(self) -> Any:
         module_name, qualname = self.target.split(":")
+        if module_name not in sys.modules and module_name.split(".")[0] not in TRUSTED_PACKAGES:
+            raise ValueError(
+                f"ModuleSpec target {self.target!r}: module {module_name!r} is not imported; import it yourself "
+                "before building (a spec from a checkpoint may not import new code)"
+            )
         try:
             obj: Any = importlib.import_module(module_name)
             for part in qualname.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"ModuleSpec target {self.target!r} cannot be imported: {err}") from err
-        is_module_class = isinstance(obj, type) and issubclass(obj, nn.Module)
-        if not is_module_class and self.target not in ALLOWED_FACTORIES:
+        loading = sorted(k for k, v in self.kwargs.items() if _LOADING_KWARG.search(k) and v not in (None, False))
+        if loading and self.target not in ALLOWED_FACTORIES:
+            raise ValueError(f"ModuleSpec {self.target!r}: kwargs {loading} could load files or weights; refused")
+        if isinstance(obj, type) and issubclass(obj, nn.Module):
+            return obj
+        if self.target not in ALLOWED_FACTORIES:
             raise ValueError(
                 f"ModuleSpec target {self.target!r} is neither an nn.Module subclass nor an allowed factory "
                 f"({sorted(ALLOWED_FACTORIES)}); refusing to call it"
             )
+        self._check_factory_kwargs()
         return obj
+
+    def _check_factory_kwargs(self) -> None:
+        import open_clip
+
+        extra = set(self.kwargs) - ALLOWED_FACTORIES[self.target]
+        if extra:
+            raise ValueError(f"ModuleSpec {self.target!r}: kwargs {sorted(extra)} are not allowed")
+        if self.kwargs.get("pretrained") is not None:
+            raise ValueError(f"ModuleSpec {self.target!r}: pretrained must be None (weights come from the checkpoint)")
+        if self.kwargs.get("model_name") not in open_clip.list_models():
+            raise ValueError(f"ModuleSpec {self.target!r}: unknown open_clip model {self.kwargs.get('model_name')!r}")
 
     def build(self) -> nn.Module:
         """Construct the module (random weights) and remember this spec on it."""

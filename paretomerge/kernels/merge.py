@@ -13,6 +13,27 @@ import torch
 from torch import Tensor, nn
 
 
+class _TaskVectorSum(torch.autograd.Function):
+    """Σ_k c[..., k] τ_k in ``dtype``. Saves τ as stored (a bf16 τ stays bf16), not an upcast copy per layer."""
+
+    @staticmethod
+    def forward(ctx, row: Tensor, tau: Tensor, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(row, tau)
+        return torch.tensordot(row.to(dtype), tau.to(dtype), dims=([-1], [0]))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        row, tau = ctx.saved_tensors
+        # ∂/∂c[..., k] = <grad[...], τ_k>, contracting the weight's own dimensions.
+        dims = tau.ndim - 1
+        grad_row = torch.tensordot(
+            grad, tau.to(grad.dtype), dims=(list(range(grad.ndim - dims, grad.ndim)), list(range(1, tau.ndim)))
+        )
+        return grad_row.to(row.dtype), None, None
+
+
 def _coefficient_rows(coefficients: Tensor, num_layers: int, num_tasks: int) -> Tensor:
     """Normalise coefficients to ``[*models, L or 1, K]``."""
     if coefficients.shape[-1:] != (num_tasks,):
@@ -57,10 +78,10 @@ def merge(
     for index, name in enumerate(names):
         weight = theta0[name]
         if rows is not None:
-            row = rows[..., index if rows.shape[-2] > 1 else 0, :].to(weight.dtype)
-            weight = weight + torch.tensordot(row, tau[name].to(weight.dtype), dims=([-1], [0]))
+            row = rows[..., index if rows.shape[-2] > 1 else 0, :]
+            weight = weight + _TaskVectorSum.apply(row, tau[name], weight.dtype)
         if name in deltas:
-            weight = weight + deltas[name]
+            weight = weight + deltas[name].to(weight.dtype)
         merged[name] = weight
     return merged
 

@@ -10,7 +10,7 @@ its tensors, so they never enter ``state_dict()``, a ``.ckpt``, or a DDP broadca
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -172,16 +172,18 @@ class TaskVectors:
     def device(self) -> torch.device:
         return next(iter(self.backbone.parameters())).device
 
-    def to(self, device: torch.device | str) -> TaskVectors:
-        """Move everything to ``device`` in place; returns self."""
-        device = torch.device(device)
-        if device == self.device:
-            return self
-        self.backbone.to(device)
-        self.heads.to(device)
+    def apply_(self, fn: Callable[[Tensor], Tensor]) -> TaskVectors:
+        """Apply a tensor conversion (what ``nn.Module._apply`` gets from ``.to``/``.cpu``/``.half``) in place."""
+        self.backbone._apply(fn)
+        self.heads._apply(fn)
         if self.tau is not None:
-            self.tau = {name: t.to(device) for name, t in self.tau.items()}
+            self.tau = {name: fn(t) for name, t in self.tau.items()}
         return self
+
+    def to(self, device: torch.device | str) -> TaskVectors:
+        """Move everything to ``device`` in place (dtypes unchanged); returns self."""
+        device = torch.device(device)
+        return self if device == self.device else self.apply_(lambda t: t.to(device))
 
     def nbytes(self) -> int:
         """Bytes held by the stacked task vectors."""

@@ -46,24 +46,33 @@ class MergingModule(L.LightningModule):
                 raise ValueError(f"lambda_bounds must be (low, high) with low < high, got {lambda_bounds!r}")
             if not lambda_bounds[0] <= lambda_init <= lambda_bounds[1]:
                 raise ValueError(f"lambda_init={lambda_init} lies outside lambda_bounds={tuple(lambda_bounds)}")
-        if not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.task_vectors: TaskVectors | None = None
         self.lambdas: nn.Parameter | None = None
         self.accuracy = nn.ModuleDict()
 
     # ------------------------------------------------------------------ task vectors and trainables
     def attach(self, task_vectors: TaskVectors) -> None:
-        """Use ``task_vectors``; builds λ (and subclass parameters) the first time."""
+        """Use ``task_vectors`` (moved to this module's device); builds λ and subclass parameters the first time.
+
+        Task vectors replacing earlier ones must have the same tasks, backbone shapes and head shapes.
+        """
         if not isinstance(task_vectors, TaskVectors):
             raise TypeError(f"task_vectors must be a TaskVectors, got {type(task_vectors).__name__}")
         if self.task_vectors is not None:
-            section = {"task_names": self.task_vectors.task_names, "layer_names": self.task_vectors.layer_names}
-            ckpt.check_same_task_set(section, task_vectors)
-        self.task_vectors = task_vectors
+            ckpt.check_compatible(ckpt.signature(self.task_vectors), task_vectors, "the model's current task vectors")
         if self.lambdas is None:
             self._build_trainable(task_vectors)
             self._build_metrics(task_vectors)
+        self.task_vectors = task_vectors.to(self.device)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MergingModule:
+        # .to()/.cpu()/.half() reach the unregistered task vectors too, so they follow the module.
+        super()._apply(fn, recurse)
+        if getattr(self, "task_vectors", None) is not None:
+            self.task_vectors.apply_(fn)
+        return self
 
     def _build_trainable(self, tv: TaskVectors) -> None:
         shape = (len(tv.layer_names), tv.num_tasks)
@@ -72,7 +81,7 @@ class MergingModule(L.LightningModule):
     def _build_metrics(self, tv: TaskVectors) -> None:
         for stage in ("val", "test"):
             self.accuracy[stage] = nn.ModuleList(
-                nn.ModuleList(MulticlassAccuracy(num_classes=c) for c in tv.num_classes.values())
+                nn.ModuleList(MulticlassAccuracy(num_classes=c, average="micro") for c in tv.num_classes.values())
                 for _ in range(self.evaluation_preferences(tv.num_tasks).shape[0])
             ).to(self.device)
 
@@ -82,9 +91,11 @@ class MergingModule(L.LightningModule):
                 f"{type(self).__name__} has no task vectors: pass task_vectors=... to the constructor, fit with "
                 "a datamodule that has task_vectors(), or load a .ckpt"
             )
-        return self.task_vectors.to(self.device)
+        return self.task_vectors
 
     def setup(self, stage: str) -> None:
+        """Task vectors given to the constructor (or attached earlier) take precedence; the datamodule's
+        ``task_vectors()`` is called only when the model has none, or only a checkpoint's base."""
         if self.task_vectors is not None and self.task_vectors.has_task_vectors:
             return
         provider = getattr(self.trainer.datamodule, "task_vectors", None) if self._trainer else None
@@ -212,8 +223,11 @@ class MergingModule(L.LightningModule):
         section = ckpt.section_of(checkpoint)
         if self.task_vectors is None:
             self.attach(ckpt.unpack(section))
-        else:
-            ckpt.check_same_task_set(section, self.task_vectors)
+            return
+        ckpt.check_compatible(ckpt.section_signature(section), self.task_vectors, "the checkpoint")
+        lambdas = checkpoint.get("state_dict", {}).get("lambdas")
+        if self.task_vectors.has_task_vectors and lambdas is not None:
+            ckpt.check_same_weights(section, self.task_vectors, lambdas)
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]

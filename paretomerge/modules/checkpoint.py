@@ -11,14 +11,13 @@ import os
 import pickle
 import zipfile
 from collections.abc import Mapping
-from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from paretomerge.kernels import ModuleSpec, TaskVectors
+from paretomerge.kernels import ModuleSpec, TaskVectors, merge
 
 SECTION = "paretomerge"
 FORMAT = 1
@@ -32,7 +31,7 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
     """Refuse a missing, truncated or corrupt file before any unpickling (a `.ckpt` is a zip archive)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()  # reads every record and checks its CRC
@@ -48,8 +47,11 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
 def inspect_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> None:
     """Refuse a file that is not a readable paretomerge `.ckpt`, before Lightning touches it.
 
-    Tensors are memory-mapped, not read, so this costs one pass over the bytes for the CRC check.
+    Tensors are memory-mapped, not read, so this costs one pass over the bytes for the CRC check. URLs and
+    directories (sharded checkpoints) are left to Lightning; ``on_load_checkpoint`` still checks the section.
     """
+    if "://" in str(path) or Path(path).is_dir():
+        return
     check_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
@@ -103,18 +105,61 @@ def unpack(section: Mapping[str, Any]) -> TaskVectors:
         return TaskVectors.base_only(
             ModuleSpec.from_dict(section["backbone_spec"]), section["base"], head_specs, section["heads"], names
         )
-    except (KeyError, RuntimeError, TypeError) as err:
-        raise CheckpointError(f"the checkpoint's paretomerge section is incomplete or inconsistent: {err}") from err
+    except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"cannot rebuild the model recorded in the checkpoint: {err}") from err
 
 
-def check_same_task_set(section: Mapping[str, Any], task_vectors: TaskVectors) -> None:
-    """Refuse a checkpoint written for other tasks or another backbone than ``task_vectors``."""
-    if list(section.get("task_names", [])) != list(task_vectors.task_names):
+def signature(task_vectors: TaskVectors) -> dict[str, Any]:
+    """What must match for two sets of task vectors (or a checkpoint) to be interchangeable."""
+    return {
+        "task_names": list(task_vectors.task_names),
+        "shapes": {k: tuple(v.shape) for k, v in task_vectors.backbone.state_dict().items()},
+        "heads": {t: {k: tuple(v.shape) for k, v in h.state_dict().items()} for t, h in task_vectors.heads.items()},
+    }
+
+
+def section_signature(section: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "task_names": list(section.get("task_names", [])),
+        "shapes": {k: tuple(v.shape) for k, v in section.get("base", {}).items()},
+        "heads": {t: {k: tuple(v.shape) for k, v in h.items()} for t, h in section.get("heads", {}).items()},
+    }
+
+
+def check_compatible(expected: Mapping[str, Any], task_vectors: TaskVectors, source: str) -> None:
+    """Refuse task vectors whose tasks, backbone or heads differ from ``expected`` (a `signature`), naming
+    the first difference. ``source`` says where ``expected`` came from, for the message."""
+    got = signature(task_vectors)
+    if expected["task_names"] != got["task_names"]:
         raise CheckpointError(
-            f"the checkpoint is from another task set: it has tasks {list(section.get('task_names', []))}, "
-            f"the task vectors have {list(task_vectors.task_names)}"
+            f"{source} is from another task set: it has tasks {expected['task_names']}, the task vectors have "
+            f"{got['task_names']}"
         )
-    theirs, ours = list(section.get("layer_names", [])), list(task_vectors.layer_names)
-    if theirs != ours:
-        first = next((a, b) for a, b in zip_longest(theirs, ours) if a != b)
-        raise CheckpointError(f"the checkpoint is for another backbone: first differing layer {first}")
+    for what in ("shapes", "heads"):
+        for name in dict.fromkeys([*expected[what], *got[what]]):
+            theirs, ours = expected[what].get(name), got[what].get(name)
+            if theirs != ours:
+                part = "backbone parameter" if what == "shapes" else "head of task"
+                raise CheckpointError(
+                    f"{source} is for another architecture: {part} {name!r} is {theirs} there but {ours} in the "
+                    "task vectors"
+                )
+
+
+def check_same_weights(section: Mapping[str, Any], task_vectors: TaskVectors, lambdas: Tensor) -> None:
+    """On resume: θ0 + Σλτ from these task vectors must reproduce the checkpoint's stored base."""
+    with torch.no_grad():
+        base = merge(task_vectors.theta0, task_vectors.tau, lambdas.to(task_vectors.device))
+    stored = section["base"]
+    for name in task_vectors.layer_names:
+        ours, theirs = base[name].detach().cpu(), stored[name].to(base[name].dtype)
+        if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5):
+            gap = float((ours - theirs).abs().max())
+            raise CheckpointError(
+                f"the task vectors differ from the ones this checkpoint was trained with: θ0 + Σλτ differs from "
+                f"the stored base at layer {name!r} by up to {gap:.3g}"
+            )
+    for task, head in task_vectors.heads.items():
+        for key, value in head.state_dict().items():
+            if not torch.allclose(value.detach().cpu(), section["heads"][task][key].to(value.dtype)):
+                raise CheckpointError(f"the head of task {task!r} differs from the checkpoint's ({key!r})")

@@ -30,7 +30,8 @@ class ParetoMerging(MergingModule):
         targets: regex over parameter names choosing the preference tensor's target matrices; None for no
             preference tensor (γ then only weights the objective: an ablation, and the benchmark baseline).
         eps: floor of γ inside 1/γ.
-        seed: seeds the preference tensor's init and every γ draw (keyed by seed, step, rank).
+        seed: seeds the preference tensor's init and every γ draw, keyed by (seed, global_step, rank): one γ per
+            optimizer step and process (micro-batches of an accumulated step share it).
     """
 
     def __init__(
@@ -63,11 +64,12 @@ class ParetoMerging(MergingModule):
             self.attach(task_vectors)
 
     def _build_trainable(self, tv: TaskVectors) -> None:
-        super()._build_trainable(tv)
         if tv.num_tasks < 2:
             raise ValueError(f"Pareto Merging needs at least 2 tasks, got {tv.num_tasks}")
-        if self.hparams.targets is not None:
-            shapes = select_targets(dict(tv.backbone.named_parameters()), self.hparams.targets)
+        targets = self.hparams.targets
+        shapes = select_targets(dict(tv.backbone.named_parameters()), targets) if targets is not None else None
+        super()._build_trainable(tv)
+        if shapes is not None:
             self.preference_tensor = PreferenceTensor(
                 shapes, tv.num_tasks, self.hparams.rank, seed=self.hparams.seed
             ).to(self.device)
@@ -101,13 +103,15 @@ class ParetoMerging(MergingModule):
         gamma = gamma.to(self.device)
         parts = self.objective(self(images, gamma), gamma)
         loss, f = parts["loss"], parts["entropies"]
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        # Every process must stop together, or the others wait in the gradient all-reduce until a timeout.
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            where = f"at step {self.global_step}, preference {[round(x, 4) for x in gamma.tolist()]}"
+            if finite:
+                raise FloatingPointError(f"non-finite loss in another process {where} of this one; see its error")
             bad = [t for t, v in zip(tv.task_names, f.tolist(), strict=True) if not math.isfinite(v)]
             culprit = f"task entropy not finite for {bad}" if bad else "entropies are finite; a regulariser is not"
-            raise FloatingPointError(
-                f"non-finite loss {loss.item()} at step {self.global_step}, preference "
-                f"{[round(x, 4) for x in gamma.tolist()]}: {culprit}"
-            )
+            raise FloatingPointError(f"non-finite loss {loss.item()} {where}: {culprit}")
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": parts[k] for k in ("stch", "cos", "frob")})
         self.log("train/mean_entropy", f.mean())
