@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, TensorDataset
 
 from paretomerge import CheckpointError, ParetoMerging
 from tests.conftest import make_trainer
 from tests.synthetic import SyntheticSuite
-
-
-def listing(path):
-    return sorted((p.relative_to(path), p.stat().st_size) for p in path.rglob("*"))
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +30,20 @@ def saved(tmp_path_factory):
     [([0.5, 0.5], "3 entries"), ([0.5, -0.5, 1.0], "non-negative"), ([float("nan"), 0.5, 0.5], "NaN"),
      ([0, 0, 0], "positive sum")],
 )
-def test_at_refuses_bad_preferences(saved, tmp_path, pref, message):
+def test_at_refuses_bad_preferences(saved, pref, message):
     model, _ = saved
-    before = listing(tmp_path)
     with pytest.raises(ValueError, match=message):
         model.at(pref)
-    assert listing(tmp_path) == before
 
 
-def test_truncated_checkpoint_is_refused_and_nothing_is_written(saved, tmp_path):
+def test_truncated_checkpoint_is_refused(saved, tmp_path):
     _, good = saved
     data = good.read_bytes()
     bad = tmp_path / "truncated.ckpt"
     bad.write_bytes(data[: len(data) // 2])
-    before = listing(tmp_path)
     with pytest.raises(CheckpointError, match="truncated"):
         ParetoMerging.load_from_checkpoint(bad)
-    assert listing(tmp_path) == before
+    assert bad.read_bytes() == data[: len(data) // 2]
 
 
 def test_corrupt_checkpoint_is_refused(saved, tmp_path):
@@ -92,28 +86,46 @@ def test_checkpoint_from_another_task_set_is_refused_on_resume(saved, tmp_path):
         make_trainer(tmp_path, max_steps=3).fit(ParetoMerging(rank=4), datamodule=other, ckpt_path=str(good))
 
 
-def test_non_finite_loss_stops_with_step_preference_and_task(tmp_path):
+def test_non_finite_loss_stops_with_step_preference_and_task_and_saves_only_good_checkpoints(tmp_path):
+    """A NaN image in the 4th batch of task1; a checkpoint after every step; the run stops at step 3."""
     suite = SyntheticSuite(num_tasks=3, batch_size=4, num_batches=2)
-    images = {t: torch.randn(8, 3, 16, 16) for t in suite.task_vectors().task_names}
-    images["task1"][0, 0, 0, 0] = float("nan")
+    images = {t: torch.randn(16, 3, 16, 16) for t in suite.task_vectors().task_names}
+    images["task1"][13, 0, 0, 0] = float("nan")
     loader = CombinedLoader({t: DataLoader(TensorDataset(x), batch_size=4) for t, x in images.items()},
                             mode="max_size_cycle")
     model = ParetoMerging(task_vectors=suite.task_vectors(), rank=4)
-    trainer = make_trainer(tmp_path, max_steps=3, enable_checkpointing=True)
-    with pytest.raises(FloatingPointError, match=r"step 0, preference \[.*\]: task entropy not finite for \['task1'\]"):
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    trainer = make_trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[saver])
+    with pytest.raises(FloatingPointError, match=r"step 3, preference \[.*\]: task entropy not finite for \['task1'\]"):
         trainer.fit(model, train_dataloaders=loader)
-    assert not list(tmp_path.rglob("*.ckpt")), "a failed run must not leave a checkpoint"
+    saved = sorted(p.name for p in tmp_path.glob("*.ckpt"))
+    assert saved == [f"epoch=0-step={s}.ckpt" for s in (1, 2, 3)]
+    for name in saved:  # every file written is complete and finite
+        loaded = ParetoMerging.load_from_checkpoint(tmp_path / name)
+        assert all(torch.isfinite(v).all() for v in loaded.state_dict().values())
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"rank": 0}, "rank"), ({"mu": 0.0}, "mu"), ({"beta_cos": -1.0}, "beta_cos"), ({"lr": 0}, "lr"),
      ({"lambda_bounds": (1.0, 0.0)}, "lambda_bounds"), ({"lambda_init": 2.0}, "outside"),
-     ({"targets": "(unclosed"}, "regular expression")],
+     ({"targets": "(unclosed"}, "regular expression"), ({"seed": -1}, "non-negative")],
 )
 def test_bad_hyperparameters_are_refused(task_vectors, kwargs, message):
     with pytest.raises(ValueError, match=message):
         ParetoMerging(task_vectors=task_vectors, **kwargs)
+
+
+def test_checkpoint_naming_code_to_run_is_refused(saved, tmp_path):
+    import sys
+
+    _, good = saved
+    checkpoint = torch.load(good, weights_only=True)
+    checkpoint["paretomerge"]["backbone_spec"] = {"target": "this:Anything", "kwargs": {}, "attr": None}
+    torch.save(checkpoint, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="not imported"):
+        ParetoMerging.load_from_checkpoint(tmp_path / "evil.ckpt")
+    assert "this" not in sys.modules
 
 
 def test_merged_model_refuses_unknown_task(saved):

@@ -178,8 +178,71 @@ def test_module_spec_builds_only_modules_and_plain_kwargs():
     net = ModuleSpec("torch.nn:Linear", {"in_features": 3, "out_features": 2}).build()
     assert ModuleSpec.of(net).kwargs == {"in_features": 3, "out_features": 2}
     with pytest.raises(ValueError, match="refusing to call"):
+        ModuleSpec("torch.nn.functional:relu", {}).build()
+    with pytest.raises(ValueError, match="refused|refusing"):
         ModuleSpec("os:system", {"command": "true"}).build()
     with pytest.raises(TypeError, match="only str, int"):
         ModuleSpec("torch.nn:Linear", {"in_features": torch.zeros(1)})
     spec = vit_spec()
     assert ModuleSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_merge_gradient_matches_finite_differences():
+    theta0 = {"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+    tau = {"w": torch.randn(2, 3, 4, dtype=torch.float64), "b": torch.randn(2, 4, dtype=torch.float64)}
+    probe = {"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+
+    def loss(coefficients):
+        merged = merge(theta0, tau, coefficients)
+        return sum((merged[n] * probe[n]).sum() ** 2 for n in merged)
+
+    assert torch.autograd.gradcheck(loss, (torch.rand(2, 2, dtype=torch.float64, requires_grad=True),))
+    assert torch.autograd.gradcheck(loss, (torch.rand(3, 2, 2, dtype=torch.float64, requires_grad=True),))
+    assert torch.autograd.gradcheck(loss, (torch.rand(2, dtype=torch.float64, requires_grad=True),))
+
+
+def saved_bytes(fn):
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(total)
+
+
+def test_bf16_task_vectors_stay_bf16_in_the_backward_graph():
+    full = make_task_vectors(num_tasks=4, seed=3)
+    half = make_task_vectors(num_tasks=4, seed=3, dtype=torch.bfloat16)
+    lam = torch.full((len(full.layer_names), 4), 0.3, requires_grad=True)
+    full_bytes = saved_bytes(lambda: merge(full.theta0, full.tau, lam))
+    half_bytes = saved_bytes(lambda: merge(half.theta0, half.tau, lam))
+    assert full_bytes >= full.nbytes()
+    assert half_bytes < 0.55 * full_bytes, (half_bytes, full_bytes)
+
+
+def test_half_precision_weights_take_float32_deltas():
+    theta0 = {"w": torch.randn(4, 3).half()}
+    tau = {"w": torch.randn(2, 4, 3).half()}
+    merged = merge(theta0, tau, torch.tensor([0.3, 0.3]), {"w": torch.randn(4, 3)})
+    assert merged["w"].dtype == torch.float16
+
+
+def test_module_spec_from_a_checkpoint_cannot_import_or_load(tmp_path):
+    import sys
+
+    assert "this" not in sys.modules
+    with pytest.raises(ValueError, match="not imported"):
+        ModuleSpec("this:Anything").build()
+    assert "this" not in sys.modules
+    refused = [
+        ModuleSpec("open_clip:create_model", {"model_name": "ViT-B-32", "pretrained": str(tmp_path / "evil.pt")}),
+        ModuleSpec("open_clip:create_model", {"model_name": "ViT-B-32", "weights_only": False}),
+        ModuleSpec("open_clip:create_model", {"model_name": "hf-hub:someone/model"}),
+        ModuleSpec("torch.nn:Linear", {"in_features": 2, "out_features": 2, "device": "meta"}),
+    ]
+    for spec in refused:
+        with pytest.raises(ValueError, match="refused|not allowed|must be None|unknown open_clip model"):
+            spec.build()

@@ -45,6 +45,10 @@ def test_entropy_known_values_and_extreme_logits():
     value.backward()
     assert torch.isfinite(value) and float(value.detach()) == pytest.approx(0.0, abs=1e-6)
     assert torch.isfinite(extreme.grad).all()
+    masked = torch.tensor([[float("-inf"), 0.0, 0.0]], requires_grad=True)
+    value = entropy(masked)
+    value.backward()
+    assert float(value.detach()) == pytest.approx(math.log(2), rel=1e-6) and torch.isfinite(masked.grad).all()
     # Mean over the batch: the loss does not grow with batch size.
     logits = torch.randn(4, 5)
     assert float(entropy(logits.repeat(3, 1))) == pytest.approx(float(entropy(logits)), rel=1e-6)

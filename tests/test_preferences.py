@@ -64,6 +64,10 @@ def test_bad_preferences_name_the_problem(pref, error, message):
 def test_tensor_and_integer_preferences_are_accepted():
     torch.testing.assert_close(validate_preference(torch.tensor([1, 3]), 2), torch.tensor([0.25, 0.75]))
     torch.testing.assert_close(validate_preference(np.array([2.0, 2.0]), 2), torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(validate_preference(torch.tensor([1.0, 3.0], dtype=torch.bfloat16), 2),
+                               torch.tensor([0.25, 0.75]))
+    with pytest.raises(TypeError, match="real numbers"):
+        validate_preference(torch.tensor([True, False]), 2)
 
 
 def test_dirichlet_draws_are_keyed_by_seed_step_and_rank():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from paretomerge import ParetoMerging
+from paretomerge import CheckpointError, ParetoMerging
+from paretomerge.preferences import sample_dirichlet
 from tests.conftest import make_trainer
 from tests.synthetic import SyntheticSuite, make_task_vectors
 
@@ -191,3 +193,101 @@ def test_checkpoint_size_does_not_grow_with_the_number_of_tasks(tmp_path, num_ta
     checkpoint = torch.load(path, weights_only=True)
     assert "tau" not in str(list(checkpoint["paretomerge"]))
     assert set(checkpoint["paretomerge"]["base"]) == set(tv.backbone.state_dict())
+
+
+def test_validation_accuracy_is_top1_of_the_merged_model(tmp_path, suite):
+    model = ParetoMerging(rank=4, seed=1)
+    make_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(model, datamodule=suite)
+    metrics = make_trainer(tmp_path, max_steps=1, limit_val_batches=None).validate(
+        model, datamodule=suite, verbose=False)[0]
+    _, _, val = suite._build()
+    for label, pref in (("equal", [1, 1, 1]), ("onehot_task2", [0, 0, 1])):
+        net = model.at(pref)
+        for task, (images, labels) in val.items():
+            expected = (net(images, task=task).argmax(-1) == labels).float().mean().item()
+            assert metrics[f"val/acc/{label}/{task}"] == pytest.approx(expected, abs=1e-6), (label, task)
+
+
+def test_gamma_is_drawn_per_global_step_and_rank(tmp_path, monkeypatch):
+    """3 batches per epoch and 5 steps, so global_step and batch_idx differ; a fake rank 3 must be used."""
+    suite = SyntheticSuite(num_tasks=3, batch_size=8, num_batches=3)
+    model = ParetoMerging(rank=4, seed=11, alpha=0.5)
+    seen = []
+    objective = model.objective
+
+    def spy(logits, gamma):
+        seen.append(gamma.clone())
+        return objective(logits, gamma)
+
+    monkeypatch.setattr(model, "objective", spy)
+    monkeypatch.setattr(ParetoMerging, "global_rank", property(lambda self: 3))
+    make_trainer(tmp_path, max_steps=5, limit_val_batches=0).fit(model, datamodule=suite)
+    expected = [sample_dirichlet(3, 0.5, seed=11, step=s, rank=3) for s in range(5)]
+    assert len(seen) == 5
+    for got, want in zip(seen, expected, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_objective_matches_a_hand_computation(task_vectors):
+    model = ParetoMerging(task_vectors=task_vectors, rank=4, mu=0.3, beta_cos=0.7, beta_frob=2.0)
+    with torch.no_grad():
+        for g in model.preference_tensor.G:
+            g.fill_(0.5)
+    logits = {"task0": torch.tensor([[2.0, 0.0, 0.0]]), "task1": torch.zeros(1, 4),
+              "task2": torch.tensor([[0.0, 0.0, 0.0, 0.0, 9.0]])}
+    gamma = torch.tensor([0.5, 0.3, 0.2])
+    parts = model.objective(logits, gamma)
+
+    def H(row):
+        p = [math.exp(v) / sum(math.exp(u) for u in row) for v in row]
+        return -sum(q * math.log(q) for q in p)
+
+    f = [H([2.0, 0.0, 0.0]), math.log(4), H([0.0] * 4 + [9.0])]
+    stch = 0.3 * math.log(sum(math.exp(g * v / 0.3) for g, v in zip(gamma.tolist(), f, strict=True)))
+    inv = [1 / g for g in gamma.tolist()]
+    cos = sum(a * b for a, b in zip(f, inv, strict=True)) / (math.hypot(*f) * math.hypot(*inv))
+    frob = sum(g.numel() * 0.25 for g in model.preference_tensor.G)
+    assert float(parts["loss"]) == pytest.approx(stch - 0.7 * cos + 2.0 * frob, rel=1e-5)
+    assert float(parts["stch"]) == pytest.approx(stch, rel=1e-5)
+    assert float(parts["cos"]) == pytest.approx(cos, rel=1e-5)
+    assert float(parts["frob"]) == pytest.approx(frob, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_refuses_task_vectors_other_than_the_checkpoints(tmp_path):
+    suite = SyntheticSuite(num_tasks=3, batch_size=4, num_batches=2)
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(ParetoMerging(rank=4), datamodule=suite)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    other_values = SyntheticSuite(num_tasks=3, batch_size=4, num_batches=2, seed=7)
+    with pytest.raises(CheckpointError, match="differ from the ones this checkpoint was trained with"):
+        make_trainer(tmp_path, max_steps=4).fit(ParetoMerging(rank=4), datamodule=other_values,
+                                                ckpt_path=str(tmp_path / "a.ckpt"))
+    wider = SyntheticSuite(num_tasks=3, batch_size=4, num_batches=2, width=48)
+    with pytest.raises(CheckpointError, match="another architecture: backbone parameter 'class_embedding'"):
+        make_trainer(tmp_path, max_steps=4).fit(ParetoMerging(rank=4, targets=None), datamodule=wider,
+                                                ckpt_path=str(tmp_path / "a.ckpt"))
+
+
+def test_attaching_task_vectors_of_another_architecture_is_refused(task_vectors):
+    model = ParetoMerging(task_vectors=task_vectors, rank=4)
+    with pytest.raises(CheckpointError, match="another architecture: backbone parameter 'class_embedding'"):
+        model.attach(make_task_vectors(3, width=48))
+    with pytest.raises(CheckpointError, match="another task set"):
+        model.attach(make_task_vectors(2))
+    assert model.task_vectors is task_vectors
+    model.attach(make_task_vectors(3, seed=9))  # same architecture and tasks: accepted
+
+
+def test_task_vectors_follow_the_module_dtype_and_bf16_true_trains(tmp_path, suite):
+    model = ParetoMerging(task_vectors=suite.task_vectors(), rank=4)
+    model.to(torch.float64)
+    assert model.task_vectors.backbone.conv1.weight.dtype == torch.float64
+    assert next(iter(model.task_vectors.tau.values())).dtype == torch.float64
+    assert model.at([1, 2, 3])(torch.randn(2, 3, 16, 16, dtype=torch.float64), task="task0").dtype == torch.float64
+
+    model = ParetoMerging(rank=4)
+    make_trainer(tmp_path, max_steps=2, precision="bf16-true", limit_val_batches=1).fit(model, datamodule=suite)
+    assert model.lambdas.dtype == torch.bfloat16
+    assert model.task_vectors.backbone.conv1.weight.dtype == torch.bfloat16
+    assert float((model.lambdas.float() - 0.3).abs().max()) > 0
