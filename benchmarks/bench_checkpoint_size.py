@@ -1,0 +1,67 @@
+"""Size of a ParetoMerging `.ckpt` against the bytes of θ0 plus heads, for several K, on a random-weight
+open_clip ViT-B/32 visual tower (no download). The `.ckpt` never holds the stacked task vectors, so the ratio
+should stay near 1 whatever K is; the τ column shows what storing them would have cost.
+
+Run:  .venv/bin/python benchmarks/bench_checkpoint_size.py            (K = 2 and 8, about 2 minutes)
+      .venv/bin/python benchmarks/bench_checkpoint_size.py --tasks 2  (one K)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from paretomerge import ModuleSpec, ParetoMerging, TaskVectors
+
+MIB = 2**20
+
+
+def measure(num_tasks: int, rank: int, model_name: str) -> tuple[float, float, float]:
+    torch.manual_seed(0)
+    spec = ModuleSpec("open_clip:create_model", {"model_name": model_name, "pretrained": None}, attr="visual")
+    pretrained = spec.build()
+    finetuned = [{k: v + 1e-3 * torch.randn_like(v) for k, v in pretrained.state_dict().items()}
+                 for _ in range(num_tasks)]
+    names = [f"task{k}" for k in range(num_tasks)]
+    heads = {n: nn.Linear(pretrained.output_dim, 10) for n in names}
+    tv = TaskVectors.from_state_dicts(pretrained, finetuned, names, heads)
+    del finetuned
+    size = pretrained.image_size[0] if isinstance(pretrained.image_size, tuple) else pretrained.image_size
+    loader = CombinedLoader(
+        {n: DataLoader(TensorDataset(torch.randn(1, 3, size, size)), batch_size=1) for n in names}, "max_size_cycle"
+    )
+    model = ParetoMerging(task_vectors=tv, rank=rank)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, train_dataloaders=loader)  # one step, so the optimizer state exists
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.ckpt"
+        trainer.save_checkpoint(path)
+        ckpt_bytes = path.stat().st_size
+    base = sum(t.numel() * t.element_size() for t in tv.backbone.state_dict().values())
+    base += sum(t.numel() * t.element_size() for t in tv.heads.state_dict().values())
+    return ckpt_bytes / MIB, base / MIB, tv.nbytes() / MIB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--model", default="ViT-B-32")
+    args = parser.parse_args()
+    print(f"open_clip {args.model} visual tower (random weights), rank {args.rank}, after one training step\n")
+    print("| K | .ckpt MiB | θ0 + heads MiB | ratio | τ MiB (not stored) |\n|---:|---:|---:|---:|---:|")
+    for k in args.tasks:
+        ckpt, base, tau = measure(k, args.rank, args.model)
+        print(f"| {k} | {ckpt:.1f} | {base:.1f} | {ckpt / base:.3f} | {tau:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
