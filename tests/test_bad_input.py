@@ -132,3 +132,26 @@ def test_merged_model_refuses_unknown_task(saved):
     model, _ = saved
     with pytest.raises(KeyError, match="unknown task 'nope'"):
         model.at([1, 1, 1])(torch.randn(1, 3, 16, 16), task="nope")
+
+
+@pytest.mark.parametrize(
+    "batch, error, message",
+    [
+        ([torch.zeros(1)], TypeError, "must be dicts"),
+        ({"nope": (torch.zeros(1, 3, 16, 16), torch.zeros(1))}, KeyError, r"tasks \['nope'\]"),
+        ({"task0": torch.zeros(1, 3, 16, 16)}, ValueError, "task 'task0' has no labels"),
+    ],
+)
+def test_malformed_evaluation_batches_are_refused(saved, batch, error, message):
+    model, _ = saved
+    with pytest.raises(error, match=message):
+        model.split_batch(batch, model.task_vectors.task_names, "val")
+
+
+def test_training_batch_must_hold_every_task(saved):
+    model, _ = saved
+    with pytest.raises(KeyError, match=r"no images for tasks \['task1', 'task2'\]"):
+        model.split_batch({"task0": torch.zeros(1, 3, 16, 16)}, model.task_vectors.task_names, "train")
+    split = model.split_batch({t: [torch.zeros(1)] for t in model.task_vectors.task_names}, ["task0", "task1", "task2"],
+                              "train")
+    assert all(labels is None for _, labels in split.values())

@@ -152,17 +152,33 @@ class MergingModule(L.LightningModule):
             self.lambdas.clamp_(*self.hparams.lambda_bounds)
 
     @staticmethod
-    def unlabeled(batch: Mapping[str, Any], task_names: Sequence[str]) -> dict[str, Tensor]:
-        """task -> images from a training batch whose values are images or (images, ...) tuples."""
+    def split_batch(batch: Any, task_names: Sequence[str], stage: str) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """task -> (images, labels or None) from a batch dict whose values are images or (images, labels, ...).
+
+        Training (``stage="train"``) needs every task; evaluation takes the tasks present (a ``None`` value is an
+        exhausted loader of ``CombinedLoader(..., mode="max_size")``) and needs labels.
+        """
         if not isinstance(batch, Mapping):
-            raise TypeError(f"a training batch must be a dict task -> images, got {type(batch).__name__}")
-        missing = [t for t in task_names if t not in batch]
-        if missing:
+            raise TypeError(
+                f"{stage} batches must be dicts task -> images (train) or (images, labels) (val/test), got "
+                f"{type(batch).__name__}; return CombinedLoader({{task: loader}}) from the dataloader hook"
+            )
+        unknown = [t for t in batch if t not in task_names]
+        if unknown:
+            raise KeyError(f"the {stage} batch has tasks {unknown} that the model does not know ({list(task_names)})")
+        missing = [t for t in task_names if batch.get(t) is None]
+        if stage == "train" and missing:
             raise KeyError(f"the training batch has no images for tasks {missing} (it has {list(batch)})")
         out = {}
         for task in task_names:
-            value = batch[task]
-            out[task] = value[0] if isinstance(value, (list, tuple)) else value
+            value = batch.get(task)
+            if value is None:
+                continue
+            images, labels = (value[0], value[1] if len(value) > 1 else None) if isinstance(value, (list, tuple)) \
+                else (value, None)
+            if stage != "train" and labels is None:
+                raise ValueError(f"the {stage} batch of task {task!r} has no labels; give (images, labels)")
+            out[task] = (images, labels)
         return out
 
     # ------------------------------------------------------------------ evaluation
@@ -174,14 +190,11 @@ class MergingModule(L.LightningModule):
         return "equal" if index == 0 else f"onehot_{self.task_vectors.task_names[index - 1]}"
 
     def _evaluate_step(self, batch: Mapping[str, Any], stage: str) -> None:
-        if not isinstance(batch, Mapping):
-            raise TypeError(
-                f"{stage} batches must be dicts task -> (images, labels); return "
-                "CombinedLoader({task: loader}, mode='max_size') from the dataloader hook"
-            )
         tv = self._tv()
-        labeled = {t: v for t, v in batch.items() if v is not None}
-        images = {t: v[0] for t, v in labeled.items()}
+        labeled = self.split_batch(batch, tv.task_names, stage)
+        if not labeled:
+            return
+        images = {t: x for t, (x, _) in labeled.items()}
         preferences = self.evaluation_preferences(tv.num_tasks).to(self.device)
         for p, gamma in enumerate(preferences):
             logits = self(images, gamma)

@@ -97,7 +97,7 @@ class ParetoMerging(MergingModule):
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         tv = self._tv()
-        images = self.unlabeled(batch, tv.task_names)
+        images = {t: x for t, (x, _) in self.split_batch(batch, tv.task_names, 'train').items()}
         hp = self.hparams
         gamma = sample_dirichlet(tv.num_tasks, hp.alpha, hp.seed, self.global_step, self.global_rank)
         gamma = gamma.to(self.device)
