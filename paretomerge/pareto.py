@@ -1,0 +1,45 @@
+"""Front metrics (SPEC §4), all from pymoo: non-dominated filtering and hypervolume of accuracy fronts.
+
+Accuracy matrices are ``Acc [P, K]``: one row per evaluated model (preference), one column per task, to be
+maximised. pymoo minimises, so it sees ``-Acc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from pymoo.indicators.hv import HV
+from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+
+def _matrix(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> np.ndarray:
+    acc = accuracy.detach().cpu().numpy() if isinstance(accuracy, torch.Tensor) else np.asarray(accuracy)
+    acc = acc.astype(np.float64)
+    if acc.ndim != 2 or acc.shape[0] < 1 or acc.shape[1] < 2:
+        raise ValueError(f"an accuracy front must be [P >= 1, K >= 2], got shape {acc.shape}")
+    if not np.isfinite(acc).all() or (acc < 0).any():
+        raise ValueError("an accuracy front must hold finite non-negative values")
+    return acc
+
+
+def non_dominated(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """Row indices of the non-dominated points of ``Acc [P, K]`` (maximisation)."""
+    return np.sort(NonDominatedSorting().do(-_matrix(accuracy), only_non_dominated_front=True))
+
+
+def hypervolume(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
+                scale: Sequence[float] | np.ndarray | None = None) -> float:
+    """Hypervolume of ``Acc [P, K]`` under maximisation with reference point 0.
+
+    scale: optional per-task divisor ``[K]`` (e.g. the individual models' accuracies, for the normalised HV).
+    Dominated points add nothing, so all rows may be passed.
+    """
+    acc = _matrix(accuracy)
+    if scale is not None:
+        scale = np.asarray(scale, dtype=np.float64)
+        if scale.shape != (acc.shape[1],) or not (scale > 0).all():
+            raise ValueError(f"scale must be [K={acc.shape[1]}] positive values, got {scale!r}")
+        acc = acc / scale
+    return float(HV(ref_point=np.zeros(acc.shape[1]))(-acc))

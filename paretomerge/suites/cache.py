@@ -1,0 +1,123 @@
+"""Built artefacts on disk: one directory per configuration, written atomically, verified on every read.
+
+    <root>/<kind>/<config-hash>/
+        *.safetensors, *.json      the artefacts
+        manifest.json              the configuration and the SHA-256 of every artefact, written last
+
+The root is the ``cache_dir`` argument, else ``$PARETOMERGE_CACHE``, else ``~/.cache/paretomerge``. A
+directory is built under a temporary name and renamed into place only when complete, so a reader sees a
+whole entry or none. An entry whose manifest is missing, unreadable, for another configuration, or whose
+files do not match their hashes is reported and replaced, never half-loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+
+
+class CacheError(RuntimeError):
+    """A cache entry is missing, partial or corrupt."""
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("PARETOMERGE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "paretomerge"
+
+
+def config_key(config: Mapping[str, Any]) -> str:
+    """A short stable hash of a JSON-serialisable configuration."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_entry(
+    directory: Path,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    documents: Mapping[str, Any],
+) -> None:
+    """Write ``tensors`` (file stem -> name -> tensor, as safetensors) and ``documents`` (file stem -> JSON)
+    into ``directory``, atomically. An existing entry there is replaced."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.building-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        files = {}
+        for stem, state in tensors.items():
+            path = staging / f"{stem}.safetensors"
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+            files[path.name] = _sha256(path)
+        for stem, document in documents.items():
+            path = staging / f"{stem}.json"
+            path.write_text(json.dumps(document, indent=2) + "\n")
+            files[path.name] = _sha256(path)
+        manifest = {"config": dict(config), "files": files}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if directory.exists():
+            discard(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def discard(directory: Path) -> None:
+    """Remove an entry: first renamed out of the way (atomic), then deleted."""
+    trash = directory.parent / f".{directory.name}.discarded-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(directory, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_entry(directory: Path, config: Mapping[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """The tensors and documents of a complete, verified entry for ``config``; raises `CacheError` otherwise."""
+    manifest_path = directory / MANIFEST
+    if not directory.is_dir():
+        raise CacheError(f"no cache entry at {directory}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        recorded = manifest["config"]
+    except FileNotFoundError:
+        raise CacheError(f"{directory} is partial: it has no {MANIFEST}") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CacheError(f"{manifest_path} is unreadable ({err})") from None
+    if recorded != json.loads(json.dumps(dict(config))):
+        raise CacheError(f"{directory} was built for another configuration")
+    tensors, documents = {}, {}
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CacheError(f"{path} is missing")
+        if _sha256(path) != expected:
+            raise CacheError(f"{path} does not match its recorded SHA-256 (corrupt or changed)")
+        stem, suffix = name.rsplit(".", 1)
+        if suffix == "safetensors":
+            tensors[stem] = load_file(str(path))
+        else:
+            documents[stem] = json.loads(path.read_text())
+    return tensors, documents
