@@ -55,3 +55,42 @@ def test_fit_refuses_a_truncated_checkpoint_to_resume_from(tmp_path):
     assert result.returncode != 0
     assert "not a readable checkpoint" in result.stderr
     assert [p.name for p in tmp_path.rglob("*.ckpt")] == ["bad.ckpt"]
+
+
+FAST_CONFIG = ROOT / "tests" / "configs" / "tiny_fast.yaml"
+
+
+@pytest.mark.slow
+def test_the_main_job_on_the_fast_tiny_suite_prints_the_table_and_writes_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARETOMERGE_CACHE", str(tmp_path / "cache"))  # inherited by run_cli's subprocess
+    result = run_cli("fit", "--config", str(FAST_CONFIG), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "Pareto Merging: test accuracy (%) per task" in out
+    header = next(line for line in out.splitlines() if line.startswith("task "))
+    for column in ("individual", "task arith.", "PM equal", "PM one-hot"):
+        assert column in header
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.split() and line.split()[0] in ("colour", "stripes", "size", "mean")}
+    assert set(rows) == {"colour", "stripes", "size", "mean"}
+    for values in rows.values():
+        numbers = [float(v) for v in values]
+        assert len(numbers) == 5 and all(0 <= v <= 100 for v in numbers[:4])
+    assert "hypervolume" in out and "front_test.csv" in out
+    checkpoint = Path(next(line for line in out.splitlines() if line.startswith("Checkpoint: ")).split(": ", 1)[1])
+    checkpoint = checkpoint if checkpoint.is_absolute() else tmp_path / checkpoint
+    assert checkpoint.name == "last.ckpt" and checkpoint.exists()
+    assert (tmp_path / "cache" / "tiny").is_dir()
+
+    # The printed 'PM equal' column is what at(equal) scores on the suite's test split.
+    from paretomerge.suites import TinySuite
+
+    model = ParetoMerging.load_from_checkpoint(checkpoint)
+    suite = TinySuite(tasks=["colour", "stripes", "size"], test_images=128, val_images=64, batch_size=8,
+                      progress=False, cache_dir=str(tmp_path / "cache"),
+                      recipe={"width": 32, "layers": 2, "output_dim": 32, "pretext_images": 1024,
+                              "pretext_steps": 120, "finetune_images": 512, "finetune_steps": 80,
+                              "finetune_lr": 0.001})
+    equal = suite.evaluate(model.at([1, 1, 1]))
+    for task in ("colour", "stripes", "size"):
+        assert float(rows[task][2]) == pytest.approx(100 * equal[task], abs=0.051)

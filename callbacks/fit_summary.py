@@ -1,0 +1,132 @@
+"""`FitSummary`: at the end of `fit`, evaluate the learned Pareto set on the labeled test split and say what
+was learned, where it was saved, and how to use it.
+
+It needs a datamodule with ``evaluate(net) -> {task: accuracy}`` (as `TinySuite` has); a ``build_report``
+(individual and Task Arithmetic accuracy per task) adds the comparison columns.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from tqdm.auto import tqdm
+
+from paretomerge.pareto import hypervolume, non_dominated
+from paretomerge.preferences import equal_and_one_hots, front_preferences
+
+
+def summary_preferences(num_tasks: int, seed: int = 0) -> torch.Tensor:
+    """The equal preference, the K one-hots, then the rest of the SPEC §4 front set (no duplicates): ``[P, K]``."""
+    fixed = equal_and_one_hots(num_tasks)
+    rest = [p for p in front_preferences(num_tasks, seed) if not any(torch.allclose(p, f) for f in fixed)]
+    return torch.cat([fixed, torch.stack(rest)]) if rest else fixed
+
+
+def evaluate_front(module: Any, datamodule: Any, preferences: torch.Tensor, progress: bool = True) -> torch.Tensor:
+    """``Acc [P, K]``: ``datamodule.evaluate(module.at(p))`` for each preference row, in task order."""
+    rows = []
+    for p in tqdm(preferences, desc="evaluating the front on the test split", disable=not progress, leave=False):
+        accuracy = datamodule.evaluate(module.at(p))
+        rows.append([accuracy[t] for t in module.task_vectors.task_names])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+class FitSummary(L.Callback):
+    """Prints, after ``fit``: per-task test accuracy at the equal preference and at each task's one-hot,
+    beside the individual fine-tuned models and Task Arithmetic; the hypervolume of the evaluated front
+    (SPEC §4); where the checkpoint and the logs are; and how to call ``at()``. The front is also written
+    to ``<log_dir>/front_test.csv`` and its hypervolume to the logger.
+
+    seed: seeds the Dirichlet part of the preference set (K >= 4).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.front: torch.Tensor | None = None  # Acc [P, K] of the last fit
+        self.preferences: torch.Tensor | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._summarise(trainer, pl_module)
+
+    @rank_zero_only
+    def _summarise(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "evaluate"):
+            rank_zero_warn("FitSummary: the datamodule has no evaluate(net); no summary printed")
+            return
+        tasks = list(pl_module.task_vectors.task_names)
+        num_tasks = len(tasks)
+        self.preferences = summary_preferences(num_tasks, self.seed)
+        self.front = evaluate_front(pl_module, datamodule, self.preferences, trainer.progress_bar_callback is not None)
+        report = getattr(datamodule, "build_report", None)
+        individual = [report["tasks"][t]["individual_accuracy"] for t in tasks] if report else None
+        hv = hypervolume(self.front)
+        hv_normalised = hypervolume(self.front, individual) if individual else None
+        log_dir = Path(trainer.log_dir) if trainer.log_dir else Path(trainer.default_root_dir)
+        self._write_csv(log_dir / "front_test.csv", tasks)
+        if trainer.logger is not None:
+            metrics = {"test/front/hypervolume": hv, "test/front/mean_accuracy_equal": float(self.front[0].mean())}
+            if hv_normalised is not None:
+                metrics["test/front/hypervolume_normalised"] = hv_normalised
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        print(self._table(tasks, report, hv, hv_normalised, trainer, log_dir))
+
+    def _write_csv(self, path: Path, tasks: list[str]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([f"pref_{t}" for t in tasks] + [f"acc_{t}" for t in tasks])
+            for p, a in zip(self.preferences.tolist(), self.front.tolist(), strict=True):
+                writer.writerow([f"{v:.6f}" for v in p] + [f"{v:.6f}" for v in a])
+
+    def _table(self, tasks: list[str], report: dict | None, hv: float, hv_normalised: float | None,
+               trainer: L.Trainer, log_dir: Path) -> str:
+        front, num_tasks = self.front, len(tasks)
+        equal = front[0]
+        own = torch.stack([front[1 + k, k] for k in range(num_tasks)])  # task k at the one-hot e_k
+        header = f"{'task':<12}"
+        columns: list[tuple[str, list[float]]] = []
+        if report:
+            columns.append(("individual", [report["tasks"][t]["individual_accuracy"] for t in tasks]))
+            columns.append(("task arith.", [report["tasks"][t]["task_arithmetic_accuracy"] for t in tasks]))
+        columns += [("PM equal", equal.tolist()), ("PM one-hot", own.tolist())]
+        header += "".join(f"{name:>13}" for name, _ in columns) + f"{'one-hot - equal':>17}"
+        lines = ["", "Pareto Merging: test accuracy (%) per task", header, "-" * len(header)]
+        for k, task in enumerate(tasks):
+            lines.append(f"{task:<12}" + "".join(f"{100 * values[k]:>13.1f}" for _, values in columns)
+                         + f"{100 * (own[k] - equal[k]):>+17.1f}")
+        lines.append("-" * len(header))
+        means = [sum(values) / num_tasks for _, values in columns]
+        lines.append(f"{'mean':<12}" + "".join(f"{100 * m:>13.1f}" for m in means)
+                     + f"{100 * float((own - equal).mean()):>+17.1f}")
+        better = int((own > equal).sum())
+        lines += [
+            "",
+            "'PM equal' is at(equal preference); 'PM one-hot' is task k's accuracy at at(e_k), the preference that "
+            f"puts all weight on task k; it beats the equal preference for {better} of {num_tasks} tasks.",
+            f"Front: {front.shape[0]} preferences (SPEC §4), {len(non_dominated(front))} non-dominated; hypervolume "
+            f"{hv:.4f}" + (f", normalised by individual accuracy {hv_normalised:.4f}" if hv_normalised else "")
+            + f". Every point: {log_dir / 'front_test.csv'}",
+        ]
+        checkpoint = trainer.checkpoint_callback
+        path = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
+        if path:
+            lines.append(f"Checkpoint: {path}")
+        if trainer.logger is not None:
+            lines.append(f"Logs: tensorboard --logdir {Path(trainer.logger.save_dir)}")
+        example = ", ".join(["0.0"] * num_tasks)
+        example = "1.0" + example[3:]
+        lines += [
+            "Use it:",
+            "    from paretomerge import ParetoMerging",
+            f"    model = ParetoMerging.load_from_checkpoint({str(path or 'path/to.ckpt')!r})",
+            f"    net = model.at([{example}])  # one weight per task: {', '.join(tasks)}",
+            f"    logits = net(images, task={tasks[0]!r})  # images [B, 3, H, W]",
+            "",
+        ]
+        return "\n".join(lines)
