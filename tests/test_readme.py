@@ -16,12 +16,14 @@ def test_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert len(blocks) >= 2
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PARETOMERGE_CACHE", str(tmp_path / "cache"))
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
     assert (tmp_path / "runs" / "example" / "last.ckpt").exists()
     assert namespace["logits"].shape == (4, 3)
     assert namespace["model"].preference_tensor.num_parameters() > 0
+    assert (tmp_path / "cache" / "tiny").is_dir()
 
 
 def test_ci_runs_the_readme_test_command():
