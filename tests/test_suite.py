@@ -263,3 +263,24 @@ def test_warnings_about_the_cache_name_the_problem(built, tmp_path):
         warnings.simplefilter("always")
         TinySuite(cache_dir=str(tmp_path), **FAST).task_vectors()
     assert any("manifest.json" in str(w.message) for w in caught)
+
+
+def test_an_entry_finished_first_by_another_process_is_kept(tmp_path, monkeypatch):
+    from paretomerge.suites import cache
+
+    entry = tmp_path / "tiny" / "abc"
+    cache.write_entry(entry, {"a": 1}, {"w": {"x": torch.ones(2)}}, {"doc": {"k": 1}})
+    real_replace = cache.os.replace
+
+    def racing_replace(src, dst):
+        if ".building-" in str(src):
+            entry.mkdir(parents=True, exist_ok=True)  # the other process's entry appears just before ours
+            (entry / "manifest.json").write_text("{}")
+            raise OSError(39, "Directory not empty")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cache.os, "replace", racing_replace)
+    monkeypatch.setattr(cache, "discard", lambda directory: None)
+    cache.write_entry(entry, {"a": 1}, {"w": {"x": torch.zeros(2)}}, {"doc": {"k": 2}})
+    assert (entry / "manifest.json").read_text() == "{}"  # theirs kept
+    assert not [p for p in entry.parent.iterdir() if ".building-" in p.name]  # ours cleaned up

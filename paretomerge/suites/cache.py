@@ -77,7 +77,13 @@ def write_entry(
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if directory.exists():
             discard(directory)
-        os.replace(staging, directory)
+        try:
+            os.replace(staging, directory)
+        except OSError:
+            if not directory.exists():
+                raise
+            # Another process (a second node on a shared file system) finished the same entry first.
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
