@@ -24,6 +24,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
 from paretomerge.kernels import TaskVectors, forward_features, merge
 from paretomerge.suites import cache
@@ -197,13 +198,13 @@ class TinySuite(LightningDataModule):
         num_tasks = len(self.tasks)
         backbone = tv.backbone.eval()
 
-        def at(coefficients: Sequence[float]) -> dict[str, float]:
+        def at(coefficients: Sequence[float], tasks: Sequence[str] | None = None) -> dict[str, float]:
             params = merge(tv.theta0, tv.tau, torch.tensor(coefficients, dtype=torch.float32))
-            return self._accuracies(lambda x, t: tv.heads[t](forward_features(backbone, params, x)))
+            return self._accuracies(lambda x, t: tv.heads[t](forward_features(backbone, params, x)), tasks=tasks)
 
         one_hot = np.eye(num_tasks).tolist()
         columns = {
-            "individual_accuracy": {t: at(one_hot[k])[t] for k, t in enumerate(self.tasks)},
+            "individual_accuracy": {t: at(one_hot[k], [t])[t] for k, t in enumerate(self.tasks)},
             "task_arithmetic_accuracy": at([TASK_ARITHMETIC_SCALE] * num_tasks),
             "weight_averaging_accuracy": at([1.0 / num_tasks] * num_tasks),
             "pretrained_accuracy": at([0.0] * num_tasks),
@@ -231,15 +232,19 @@ class TinySuite(LightningDataModule):
         device = next(net.parameters()).device
         return self._accuracies(lambda x, t: net(x.to(device), task=t), split)
 
-    def _accuracies(self, predict: Callable[[Tensor, str], Tensor], split: str = "test") -> dict[str, float]:
+    def _accuracies(self, predict: Callable[[Tensor, str], Tensor], split: str = "test",
+                    tasks: Sequence[str] | None = None) -> dict[str, float]:
+        """Top-1 accuracy per task (torchmetrics, as the modules log it) of ``predict(images, task) -> logits``."""
+        data = self._split(split)
         result = {}
         with torch.no_grad():
-            for task, (images, labels) in self._split(split).items():
-                correct = 0
+            for task in tasks or self.tasks:
+                images, labels = data[task]
+                metric = MulticlassAccuracy(num_classes=len(FACTORS[task]), average="micro")
                 for x, y in zip(images.split(self.hparams.eval_batch_size), labels.split(self.hparams.eval_batch_size),
                                 strict=True):
-                    correct += int((predict(x, task).argmax(-1).cpu() == y).sum())
-                result[task] = correct / len(labels)
+                    metric.update(predict(x, task).argmax(-1).cpu(), y)
+                result[task] = float(metric.compute())
         return result
 
     def _split(self, split: str) -> dict[str, tuple[Tensor, Tensor]]:
