@@ -61,6 +61,9 @@ class FitSummary(L.Callback):
             return
         tasks = list(pl_module.task_vectors.task_names)
         num_tasks = len(tasks)
+        if not getattr(pl_module, "preference_aware", True):  # one model (AdaMerging): no front to evaluate
+            print(self._single_model_table(tasks, datamodule, pl_module, trainer))
+            return
         self.preferences = summary_preferences(num_tasks, self.seed)
         self.front = evaluate_front(pl_module, datamodule, self.preferences, trainer.progress_bar_callback is not None)
         report = getattr(datamodule, "build_report", None)
@@ -75,6 +78,28 @@ class FitSummary(L.Callback):
                 metrics["test/front/hypervolume_normalised"] = hv_normalised
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         print(self._table(tasks, report, hv, hv_normalised, trainer, log_dir))
+
+    def _single_model_table(self, tasks: list[str], datamodule: Any, pl_module: L.LightningModule,
+                            trainer: L.Trainer) -> str:
+        accuracy = datamodule.evaluate(pl_module.at())
+        self.front = torch.tensor([[accuracy[t] for t in tasks]], dtype=torch.float64)
+        report = getattr(datamodule, "build_report", None)
+        columns: list[tuple[str, list[float]]] = []
+        if report:
+            columns.append(("individual", [report["tasks"][t]["individual_accuracy"] for t in tasks]))
+            columns.append(("task arith.", [report["tasks"][t]["task_arithmetic_accuracy"] for t in tasks]))
+        columns.append((type(pl_module).__name__, self.front[0].tolist()))
+        header = f"{'task':<12}" + "".join(f"{name:>13}" for name, _ in columns)
+        lines = ["", f"{type(pl_module).__name__}: test accuracy (%) per task", header, "-" * len(header)]
+        for k, task in enumerate(tasks):
+            lines.append(f"{task:<12}" + "".join(f"{100 * values[k]:>13.1f}" for _, values in columns))
+        lines.append(f"{'mean':<12}" + "".join(f"{100 * sum(v) / len(tasks):>13.1f}" for _, v in columns))
+        checkpoint = trainer.checkpoint_callback
+        path = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
+        if path:
+            lines.append(f"Checkpoint: {path}  (load it with {type(pl_module).__name__}.load_from_checkpoint, "
+                         "then .at() gives the model)")
+        return "\n".join(lines + [""])
 
     def _write_csv(self, path: Path, tasks: list[str]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,23 @@
 """paretomerge: preference-aware model merging on PyTorch Lightning."""
 
 from paretomerge.kernels import ModuleSpec, PreferenceTensor, TaskVectors, merge
-from paretomerge.modules import CheckpointError, MergedModel, MergingModule, ParetoMerging
+from paretomerge.modules import (
+    AdaMerging,
+    CheckpointError,
+    MergedModel,
+    MergingModule,
+    ParetoMerging,
+    UnseenTaskSelection,
+    select_for_unseen_task,
+)
 from paretomerge.preferences import validate_preference
+from paretomerge.static import STATIC_MERGES, static_merge, static_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaMerging",
+    "STATIC_MERGES",
     "CheckpointError",
     "MergedModel",
     "MergingModule",
@@ -14,6 +25,10 @@ __all__ = [
     "ParetoMerging",
     "PreferenceTensor",
     "TaskVectors",
+    "UnseenTaskSelection",
     "merge",
+    "select_for_unseen_task",
+    "static_merge",
+    "static_model",
     "validate_preference",
 ]

@@ -43,3 +43,20 @@ def hypervolume(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
             raise ValueError(f"scale must be [K={acc.shape[1]}] positive values, got {scale!r}")
         acc = acc / scale
     return float(HV(ref_point=np.zeros(acc.shape[1]))(-acc))
+
+
+def preference_weighted_sum(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
+                            preferences: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """``[P]``: ``Σ_k p_k · Acc[p, k]`` for each preference row (MAP Table 4), preferences normalised to sum 1.
+
+    accuracy: ``[P, K]``, row p the accuracies of the model a method gives for preference p (a single-model
+    method repeats its one row). preferences: ``[P, K]``, non-negative with positive row sums.
+    """
+    acc = _matrix(accuracy)
+    prefs = np.asarray(preferences.detach().cpu() if isinstance(preferences, torch.Tensor) else preferences,
+                       dtype=np.float64)
+    if prefs.shape != acc.shape:
+        raise ValueError(f"preferences {prefs.shape} and accuracies {acc.shape} must both be [P, K]")
+    if not np.isfinite(prefs).all() or (prefs < 0).any() or not (prefs.sum(1) > 0).all():
+        raise ValueError("preferences must be finite, non-negative, with a positive sum per row")
+    return (prefs / prefs.sum(1, keepdims=True) * acc).sum(1)

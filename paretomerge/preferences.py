@@ -60,6 +60,12 @@ def equal_and_one_hots(num_tasks: int) -> Tensor:
     return torch.cat([torch.full((1, num_tasks), 1.0 / num_tasks), torch.eye(num_tasks)])
 
 
+def dirichlet_set(num_tasks: int, count: int, seed: int = 0, alpha: float = 1.0) -> Tensor:
+    """``[count, K]`` seeded Dirichlet(α·1) draws, keyed by ``(seed, K)``: the same seed gives the same set."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, num_tasks]))
+    return torch.as_tensor(rng.dirichlet(np.full(num_tasks, float(alpha)), size=count), dtype=torch.float32)
+
+
 def front_preferences(num_tasks: int, seed: int = 0, total: int = 30) -> Tensor:
     """The preference set used to evaluate a front (SPEC §4)."""
     if num_tasks == 2:
@@ -67,7 +73,4 @@ def front_preferences(num_tasks: int, seed: int = 0, total: int = 30) -> Tensor:
     if num_tasks == 3:
         return simplex_grid(3, 7)
     fixed = equal_and_one_hots(num_tasks)
-    extra = max(total - fixed.shape[0], 0)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, num_tasks]))
-    draws = torch.as_tensor(rng.dirichlet(np.ones(num_tasks), size=extra), dtype=torch.float32)
-    return torch.cat([fixed, draws])
+    return torch.cat([fixed, dirichlet_set(num_tasks, max(total - fixed.shape[0], 0), seed)])

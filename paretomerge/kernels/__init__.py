@@ -2,16 +2,19 @@
 
 from paretomerge.kernels.architecture import ModuleSpec
 from paretomerge.kernels.merge import forward_features, forward_tasks, merge, select_model
+from paretomerge.kernels.merged_model import MergedModel, materialize
 from paretomerge.kernels.preference_tensor import DEFAULT_TARGETS, PreferenceTensor, select_targets
 from paretomerge.kernels.task_vectors import TaskVectors
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "MergedModel",
     "ModuleSpec",
     "PreferenceTensor",
     "TaskVectors",
     "forward_features",
     "forward_tasks",
+    "materialize",
     "merge",
     "select_model",
     "select_targets",

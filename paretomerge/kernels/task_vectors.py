@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from paretomerge.kernels import sparsify
 from paretomerge.kernels.architecture import ModuleSpec
 
 
@@ -148,6 +149,33 @@ class TaskVectors:
             head.load_state_dict(head_states[name], strict=True)
             heads[name] = head
         return cls(backbone, None, heads, task_names, backbone_spec, head_specs)
+
+    # ---------------------------------------------------------------- preprocessing (SPEC §5)
+    def with_tau(self, tau: Mapping[str, Tensor]) -> TaskVectors:
+        """The same θ0, heads and tasks (shared, not copied) with other task vectors of the same shapes."""
+        own = self._require_tau("with_tau")
+        if set(tau) != set(own) or any(tuple(tau[n].shape) != tuple(own[n].shape) for n in own):
+            raise ValueError("with_tau: the new task vectors must have the same layers and shapes")
+        return TaskVectors(self.backbone, {n: tau[n] for n in own}, self.heads, self.task_names,
+                           self.backbone_spec, self.head_specs)
+
+    def ties(self, top_k: float = 0.2, disjoint_mean: bool = False) -> TaskVectors:
+        """TIES-preprocessed task vectors: each τ_k trimmed to its top ``top_k`` entries by magnitude (ranked over
+        the whole task vector) and masked to the elected sign (`sparsify.ties_select`). With ``disjoint_mean``
+        each entry is also divided by the number of tasks that keep it, so that ``merge`` with every coefficient
+        ``s`` gives the TIES merge ``θ0 + s·τ_ties``. Without it, these are the vectors of Pareto Merging++ and
+        AdaMerging++."""
+        selected = sparsify.ties_select(self._require_tau("TIES"), top_k)
+        return self.with_tau(sparsify.disjoint_mean_split(selected) if disjoint_mean else selected)
+
+    def dare(self, drop: float = 0.5, seed: int = 0) -> TaskVectors:
+        """DARE: each entry dropped with probability ``drop``, the rest rescaled by 1/(1−drop); seeded."""
+        return self.with_tau(sparsify.dare_drop(self._require_tau("DARE"), drop, seed))
+
+    def _require_tau(self, what: str) -> dict[str, Tensor]:
+        if self.tau is None:
+            raise ValueError(f"{what} needs task vectors, but these hold only a checkpoint's merged base")
+        return self.tau
 
     # ---------------------------------------------------------------- views
     @property

@@ -1,7 +1,18 @@
 """LightningModules: the shared merging base and the methods built on it."""
 
-from paretomerge.modules.base import MergedModel, MergingModule
+from paretomerge.kernels import MergedModel
+from paretomerge.modules.adamerging import AdaMerging
+from paretomerge.modules.base import MergingModule
 from paretomerge.modules.checkpoint import CheckpointError
 from paretomerge.modules.pareto_merging import ParetoMerging
+from paretomerge.modules.selection import UnseenTaskSelection, select_for_unseen_task
 
-__all__ = ["CheckpointError", "MergedModel", "MergingModule", "ParetoMerging"]
+__all__ = [
+    "AdaMerging",
+    "CheckpointError",
+    "MergedModel",
+    "MergingModule",
+    "ParetoMerging",
+    "UnseenTaskSelection",
+    "select_for_unseen_task",
+]

@@ -6,7 +6,7 @@ their objective in `training_step`. Merging and running always go through `paret
 
 from __future__ import annotations
 
-import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,30 +15,27 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from paretomerge.kernels import TaskVectors, forward_tasks, merge
+from paretomerge.kernels import MergedModel, TaskVectors, forward_tasks, materialize, merge
+from paretomerge.kernels.sparsify import check_fraction
 from paretomerge.modules import checkpoint as ckpt
 from paretomerge.preferences import equal_and_one_hots, validate_preference
 
 
-class MergedModel(nn.Module):
-    """An ordinary model returned by ``at(...)``: ``net(images, task=name)`` = ``heads[name](backbone(images))``."""
-
-    def __init__(self, backbone: nn.Module, heads: nn.ModuleDict) -> None:
-        super().__init__()
-        self.backbone, self.heads = backbone, heads
-        self.task_names = tuple(heads.keys())
-
-    def forward(self, images: Tensor, task: str) -> Tensor:
-        if task not in self.heads:
-            raise KeyError(f"unknown task {task!r}; this model has tasks {list(self.task_names)}")
-        return self.heads[task](self.backbone(images))
-
-
 class MergingModule(L.LightningModule):
-    """Owns a `TaskVectors` (never registered, so never in ``state_dict``) and the layer-wise λ ``[L, K]``."""
+    """Owns a `TaskVectors` (never registered, so never in ``state_dict``) and the coefficients λ ``[L, K]``.
 
-    def __init__(self, lr: float, lambda_init: float, lambda_bounds: Sequence[float] | None, seed: int) -> None:
+    ``ties_top_k`` (None, or e.g. 0.2) TIES-preprocesses the task vectors when they are attached (SPEC §5): on
+    `ParetoMerging` that is Pareto Merging++, on `AdaMerging` it is AdaMerging++.
+    """
+
+    #: whether ``at(γ)`` depends on γ (False: one model, the preference may be left out)
+    preference_aware = True
+
+    def __init__(self, lr: float, lambda_init: float, lambda_bounds: Sequence[float] | None, seed: int,
+                 ties_top_k: float | None = None) -> None:
         super().__init__()
+        if ties_top_k is not None:
+            check_fraction("ties_top_k (the fraction of each task vector TIES keeps)", ties_top_k, allow_one=True)
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ValueError(f"lr must be positive, got {lr!r}")
         if lambda_bounds is not None:
@@ -62,6 +59,9 @@ class MergingModule(L.LightningModule):
             raise TypeError(f"task_vectors must be a TaskVectors, got {type(task_vectors).__name__}")
         if self.task_vectors is not None:
             ckpt.check_compatible(ckpt.signature(self.task_vectors), task_vectors, "the model's current task vectors")
+        top_k = self.hparams.get("ties_top_k")
+        if top_k is not None and task_vectors.has_task_vectors:
+            task_vectors = task_vectors.ties(top_k)  # Pareto Merging++ / AdaMerging++ (a .ckpt base is already merged)
         if self.lambdas is None:
             self._build_trainable(task_vectors)
             self._build_metrics(task_vectors)
@@ -126,18 +126,48 @@ class MergingModule(L.LightningModule):
         return forward_tasks(tv.backbone, tv.heads, self.merged_parameters(gamma), batch)
 
     @torch.no_grad()
-    def at(self, preference: Sequence[float] | Tensor) -> MergedModel:
-        """A plain eval-mode model with weights θ(λ, γ) and the task heads; γ is validated and normalised."""
+    def at(self, preference: Sequence[float] | Tensor | None = None) -> MergedModel:
+        """A plain eval-mode model with weights θ(λ, γ) and the task heads; γ is validated and normalised.
+        A module whose model does not depend on γ (``preference_aware = False``) accepts ``None``."""
         tv = self._tv()
-        gamma = validate_preference(preference, tv.num_tasks).to(self.device)
-        params = self.merged_parameters(gamma)
-        backbone = copy.deepcopy(tv.backbone)
-        own = dict(backbone.named_parameters())
-        for name, value in params.items():
-            own[name].copy_(value)
-        return MergedModel(backbone, copy.deepcopy(tv.heads)).eval().requires_grad_(False)
+        if preference is None:
+            if self.preference_aware:
+                raise ValueError(f"{type(self).__name__}.at needs a preference: {tv.num_tasks} non-negative weights, "
+                                 f"one per task ({', '.join(tv.task_names)})")
+            gamma = None
+        else:
+            gamma = validate_preference(preference, tv.num_tasks).to(self.device)
+        return materialize(tv, self.merged_parameters(gamma))
 
     # ------------------------------------------------------------------ optimisation
+    def training_preference(self) -> Tensor:
+        """γ ``[K]`` for the current step."""
+        raise NotImplementedError
+
+    def objective(self, logits: Mapping[str, Tensor], gamma: Tensor) -> dict[str, Tensor]:
+        """The loss (key ``loss``), per-task mean entropies (``entropies [K]``) and other scalars to log."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        tv = self._tv()
+        images = {t: x for t, (x, _) in self.split_batch(batch, tv.task_names, "train").items()}
+        gamma = self.training_preference().to(self.device)
+        parts = self.objective(self(images, gamma), gamma)
+        loss, f = parts["loss"], parts["entropies"]
+        finite = bool(torch.isfinite(loss))
+        # Every process must stop together, or the others wait in the gradient all-reduce until a timeout.
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            where = f"at step {self.global_step}, preference {[round(x, 4) for x in gamma.tolist()]}"
+            if finite:
+                raise FloatingPointError(f"non-finite loss in another process {where} of this one; see its error")
+            bad = [t for t, v in zip(tv.task_names, f.tolist(), strict=True) if not math.isfinite(v)]
+            culprit = f"task entropy not finite for {bad}" if bad else "entropies are finite; a regulariser is not"
+            raise FloatingPointError(f"non-finite loss {loss.item()} {where}: {culprit}")
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in parts.items() if k not in ("loss", "entropies")})
+        self.log("train/mean_entropy", f.mean())
+        return loss
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.999), weight_decay=0.0)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -30,6 +29,8 @@ class ParetoMerging(MergingModule):
         targets: regex over parameter names choosing the preference tensor's target matrices; None for no
             preference tensor (γ then only weights the objective: an ablation, and the benchmark baseline).
         eps: floor of γ inside 1/γ.
+        ties_top_k: TIES-preprocess the task vectors keeping this fraction of each (0.2 in the paper): Pareto
+            Merging++ (SPEC §5). None uses them as they are.
         seed: seeds the preference tensor's init and every γ draw, keyed by (seed, global_step, rank): one γ per
             optimizer step and process (micro-batches of an accumulated step share it).
     """
@@ -48,8 +49,9 @@ class ParetoMerging(MergingModule):
         targets: str | None = DEFAULT_TARGETS,
         eps: float = 1e-3,
         seed: int = 0,
+        ties_top_k: float | None = None,
     ) -> None:
-        super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, seed=seed)
+        super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, seed=seed, ties_top_k=ties_top_k)
         self.save_hyperparameters(ignore=["task_vectors"])
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
@@ -95,24 +97,7 @@ class ParetoMerging(MergingModule):
         loss = stch - hp.beta_cos * cos + hp.beta_frob * frob
         return {"loss": loss, "stch": stch, "cos": cos, "frob": frob, "entropies": f}
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        tv = self._tv()
-        images = {t: x for t, (x, _) in self.split_batch(batch, tv.task_names, 'train').items()}
+    def training_preference(self) -> Tensor:
+        """γ ~ Dir(α·1), keyed by (seed, global_step, rank)."""
         hp = self.hparams
-        gamma = sample_dirichlet(tv.num_tasks, hp.alpha, hp.seed, self.global_step, self.global_rank)
-        gamma = gamma.to(self.device)
-        parts = self.objective(self(images, gamma), gamma)
-        loss, f = parts["loss"], parts["entropies"]
-        finite = bool(torch.isfinite(loss))
-        # Every process must stop together, or the others wait in the gradient all-reduce until a timeout.
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            where = f"at step {self.global_step}, preference {[round(x, 4) for x in gamma.tolist()]}"
-            if finite:
-                raise FloatingPointError(f"non-finite loss in another process {where} of this one; see its error")
-            bad = [t for t, v in zip(tv.task_names, f.tolist(), strict=True) if not math.isfinite(v)]
-            culprit = f"task entropy not finite for {bad}" if bad else "entropies are finite; a regulariser is not"
-            raise FloatingPointError(f"non-finite loss {loss.item()} {where}: {culprit}")
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{k}": parts[k] for k in ("stch", "cos", "frob")})
-        self.log("train/mean_entropy", f.mean())
-        return loss
+        return sample_dirichlet(self._tv().num_tasks, hp.alpha, hp.seed, self.global_step, self.global_rank)

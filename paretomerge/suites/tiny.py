@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from paretomerge.kernels import TaskVectors, forward_features, merge
+from paretomerge.static import static_merge
 from paretomerge.suites import cache
 from paretomerge.suites.tiny_build import Recipe, finetune, pretrain, tau_norm_ratio
 from paretomerge.suites.tiny_images import FACTORS, GENERATOR_VERSION, render
 
-TASK_ARITHMETIC_SCALE = 0.3
 # The fast variant the tests use: three tasks, a 2-layer width-32 ViT, fewer images and steps.
 FAST_TASKS = ("colour", "stripes", "size")
 FAST_RECIPE = {"width": 32, "layers": 2, "output_dim": 32, "pretext_images": 1024, "pretext_steps": 120,
@@ -198,16 +198,18 @@ class TinySuite(LightningDataModule):
         num_tasks = len(self.tasks)
         backbone = tv.backbone.eval()
 
-        def at(coefficients: Sequence[float], tasks: Sequence[str] | None = None) -> dict[str, float]:
-            params = merge(tv.theta0, tv.tau, torch.tensor(coefficients, dtype=torch.float32))
+        def accuracy(params: dict[str, Tensor], tasks: Sequence[str] | None = None) -> dict[str, float]:
             return self._accuracies(lambda x, t: tv.heads[t](forward_features(backbone, params, x)), tasks=tasks)
 
+        def coefficients(values: Sequence[float]) -> dict[str, Tensor]:
+            return merge(tv.theta0, tv.tau, torch.tensor(values, dtype=torch.float32))
+
         one_hot = np.eye(num_tasks).tolist()
-        columns = {
-            "individual_accuracy": {t: at(one_hot[k], [t])[t] for k, t in enumerate(self.tasks)},
-            "task_arithmetic_accuracy": at([TASK_ARITHMETIC_SCALE] * num_tasks),
-            "weight_averaging_accuracy": at([1.0 / num_tasks] * num_tasks),
-            "pretrained_accuracy": at([0.0] * num_tasks),
+        columns = {  # θ0 + τ_k, the static merges of SPEC §5, and θ0 itself
+            "individual_accuracy": {t: accuracy(coefficients(one_hot[k]), [t])[t] for k, t in enumerate(self.tasks)},
+            "task_arithmetic_accuracy": accuracy(static_merge("task_arithmetic", tv)),
+            "weight_averaging_accuracy": accuracy(static_merge("weight_averaging", tv)),
+            "pretrained_accuracy": accuracy(coefficients([0.0] * num_tasks)),
             "tau_norm_ratio": {t: tau_norm_ratio(tv.theta0, {n: v[k] for n, v in tv.tau.items()})
                                for k, t in enumerate(self.tasks)},
         }

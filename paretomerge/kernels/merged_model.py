@@ -1,0 +1,39 @@
+"""`MergedModel`: merged parameters written into an ordinary module (what ``at(...)`` and the static merges return)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from paretomerge.kernels.task_vectors import TaskVectors
+
+
+class MergedModel(nn.Module):
+    """An ordinary model: ``net(images, task=name)`` = ``heads[name](backbone(images))``."""
+
+    def __init__(self, backbone: nn.Module, heads: nn.ModuleDict) -> None:
+        super().__init__()
+        self.backbone, self.heads = backbone, heads
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(self.heads.keys())
+
+    def forward(self, images: Tensor, task: str) -> Tensor:
+        if task not in self.heads:
+            raise KeyError(f"unknown task {task!r}; this model has tasks {list(self.task_names)}")
+        return self.heads[task](self.backbone(images))
+
+
+@torch.no_grad()
+def materialize(task_vectors: TaskVectors, params: Mapping[str, Tensor]) -> MergedModel:
+    """A copy of the backbone holding ``params`` (one model, as `kernels.merge` returns), with copies of the heads;
+    eval mode, no gradients."""
+    backbone = copy.deepcopy(task_vectors.backbone)
+    own = dict(backbone.named_parameters())
+    for name, value in params.items():
+        own[name].copy_(value)
+    return MergedModel(backbone, copy.deepcopy(task_vectors.heads)).eval().requires_grad_(False)

@@ -1,0 +1,87 @@
+"""AdaMerging (Yang et al.; SPEC §5): merge coefficients learned by minimising prediction entropy on unlabeled
+data, for one model. With a fixed preference γ it is *AdaMerging + preference* (one run per preference), with
+``ties_top_k`` it is AdaMerging++."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from paretomerge.kernels import TaskVectors
+from paretomerge.modules.base import MergingModule
+from paretomerge.objectives import entropy, linear_scalarization
+from paretomerge.preferences import validate_preference
+
+GRANULARITIES = ("layer", "task")
+
+
+class AdaMerging(MergingModule):
+    """Learns λ by minimising ``Σ_k f_k`` (or ``Σ_k γ_k f_k`` for a fixed ``preference``), f_k the mean entropy.
+
+    Args:
+        task_vectors: a `TaskVectors`; if None, ``trainer.datamodule.task_vectors()`` is used in ``setup``.
+        granularity: ``"layer"`` (λ ``[L, K]``, one per layer and task) or ``"task"`` (λ ``[1, K]``, one per task).
+        preference: a fixed γ (K non-negative weights, normalised); None for plain AdaMerging.
+        lr, lambda_init, lambda_bounds: Adam's learning rate, the start value of λ, and its clamp after each step.
+        seed: kept for the shared interface; AdaMerging draws nothing at random.
+        ties_top_k: TIES-preprocess the task vectors keeping this fraction of each (AdaMerging++ uses 0.2).
+
+    ``at()`` needs no preference: the model is the same for every γ (one given is validated, then ignored).
+    """
+
+    preference_aware = False
+
+    def __init__(
+        self,
+        task_vectors: TaskVectors | None = None,
+        granularity: str = "layer",
+        preference: Sequence[float] | None = None,
+        lr: float = 1e-3,
+        lambda_init: float = 0.3,
+        lambda_bounds: Sequence[float] | None = (0.0, 1.0),
+        seed: int = 0,
+        ties_top_k: float | None = None,
+    ) -> None:
+        super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, seed=seed, ties_top_k=ties_top_k)
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if isinstance(preference, Tensor):
+            preference = preference.tolist()
+        if preference is not None:
+            validate_preference(preference, len(preference))  # finite, non-negative, positive sum; length later
+            preference = [float(p) for p in preference]
+        self.save_hyperparameters(ignore=["task_vectors"])
+        if task_vectors is not None:
+            self.attach(task_vectors)
+
+    def _build_trainable(self, tv: TaskVectors) -> None:
+        if self.hparams.preference is not None:
+            validate_preference(self.hparams.preference, tv.num_tasks)  # one weight per task
+        rows = len(tv.layer_names) if self.hparams.granularity == "layer" else 1
+        self.lambdas = torch.nn.Parameter(
+            torch.full((rows, tv.num_tasks), float(self.hparams.lambda_init), device=self.device)
+        )
+
+    def training_preference(self) -> Tensor:
+        """The fixed preference, or the equal one (which only labels the step: the objective is Σ_k f_k)."""
+        return self._preference(self._tv().num_tasks)
+
+    def _preference(self, num_tasks: int) -> Tensor:
+        if self.hparams.preference is None:
+            return torch.full((num_tasks,), 1.0 / num_tasks)
+        return validate_preference(self.hparams.preference, num_tasks)
+
+    def objective(self, logits: Mapping[str, Tensor], gamma: Tensor) -> dict[str, Tensor]:
+        """``Σ_k f_k``, or ``Σ_k γ_k f_k`` with a fixed preference."""
+        f = torch.stack([entropy(logits[t]) for t in self._tv().task_names])
+        weights = gamma if self.hparams.preference is not None else torch.ones_like(f)
+        return {"loss": linear_scalarization(f, weights.to(f)), "entropies": f}
+
+    def evaluation_preferences(self, num_tasks: int) -> Tensor:
+        """One model, so one evaluation (logged as ``{stage}/acc/merged/...``)."""
+        return self._preference(num_tasks).unsqueeze(0)
+
+    def preference_label(self, index: int) -> str:
+        return "merged"
