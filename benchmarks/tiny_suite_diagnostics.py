@@ -1,41 +1,51 @@
-"""Why does entropy-driven merging fail or succeed on the TinySuite? Prints four tables for the default suite:
+"""Why does entropy-driven merging fail or succeed on the TinySuite? Prints five tables (default suite or --tasks):
 
 1. accuracy of task-wise merges θ0 + c·Σ_k τ_k for several c (Task Arithmetic's curve);
 2. accuracy on every task with one task vector added at 0.3 and at 1.0 (how linear and how interfering τ_k is),
    and the pairwise cosine of the task vectors;
 3. Spearman correlation of per-task prediction entropy with accuracy over random task-wise merges
    (negative: lower entropy means higher accuracy, which AdaMerging and Pareto Merging rely on);
-4. mean accuracy of AdaMerging (λ only) and Pareto Merging (equal preference) after 0, 150 and 300 steps.
+4. AdaMerging, AdaMerging++, Pareto Merging and Pareto Merging++ (equal preference) over 500 steps: mean accuracy,
+   mean entropy, and how much the predictions collapse onto one class;
+5. Pareto Merging by rank and Frobenius weight.
 
-    python benchmarks/tiny_suite_diagnostics.py          # builds or loads TinySuite() (seed 0)
+    python benchmarks/tiny_suite_diagnostics.py                        # TinySuite() (seed 0), ~10 min on 2 cores
+    python benchmarks/tiny_suite_diagnostics.py --tasks digit position  # a subset
 """
 
 from __future__ import annotations
+
+import argparse
 
 import lightning as L
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from paretomerge import ParetoMerging
+from paretomerge import AdaMerging, ParetoMerging
 from paretomerge.kernels import forward_features, merge
 from paretomerge.objectives import entropy
 from paretomerge.suites import TinySuite
 
+STEPS = (0, 100, 250, 500)
+
 
 class _Record(L.Callback):
-    """Appends ``measure(module)`` before steps 0 and 150."""
+    """Appends ``measure(module)`` before each step of ``STEPS`` but the last (measured after the fit)."""
 
     def __init__(self, cells: list[float], measure) -> None:
         self.cells, self.measure = cells, measure
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if trainer.global_step in (0, 150):
+        if trainer.global_step in STEPS[:-1]:
             self.cells.append(self.measure(module))
 
 
 def main() -> None:
-    suite = TinySuite(progress=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="*", default=None, help="TinySuite tasks (default: all eight)")
+    args = parser.parse_args()
+    suite = TinySuite(tasks=args.tasks, progress=False)
     tv = suite.task_vectors()
     tasks, num_tasks = list(tv.task_names), tv.num_tasks
     test = suite._split("test")
@@ -86,20 +96,47 @@ def main() -> None:
     overall = spearmanr(ents.mean(1), accs.mean(1)).statistic
     print("| ρ | " + " | ".join(f"{r:+.2f}" for r in per_task) + f" | {overall:+.2f} |")
 
-    print("\n## 4. Entropy-driven training on the adaptation split (mean test accuracy, %)\n")
-    print("| method | 0 steps | 150 steps | 300 steps |\n| --- | --- | --- | --- |")
-    equal = torch.full((num_tasks,), 1.0 / num_tasks)
-    for name, kwargs in (("AdaMerging (λ only)", {"targets": None}), ("Pareto Merging, equal preference", {})):
-        gamma = None if "targets" in kwargs else equal
-        cells: list[float] = []
+    def measure(params) -> str:
+        """Mean test accuracy (%) / mean entropy (nats) / mean share of the most-predicted class (%)."""
+        acc, ent = evaluate(params)
+        shares = []
+        with torch.no_grad():
+            for t in tasks:
+                predictions = tv.heads[t](forward_features(backbone, params, test[t][0])).argmax(-1)
+                shares.append(float(torch.bincount(predictions).max()) / len(predictions))
+        return f"{100 * acc.mean():.1f} / {ent.mean():.2f} / {100 * np.mean(shares):.0f}"
 
-        model = ParetoMerging(task_vectors=tv, **kwargs)
-        L.Trainer(max_steps=300, accelerator="cpu", logger=False, enable_checkpointing=False,
-                  callbacks=[_Record(cells, lambda m, g=gamma: 100 * evaluate(m.merged_parameters(g))[0].mean())],
+    print("\n## 4. Entropy-driven training on the adaptation split: mean test accuracy (%) / mean entropy (nats) / "
+          "share of the most-predicted class (%), at the equal preference\n")
+    print("| method | " + " | ".join(f"{s} steps" for s in STEPS) + " |\n|" + " --- |" * (len(STEPS) + 1))
+    equal = torch.full((num_tasks,), 1.0 / num_tasks)
+    for name, cls, options in (("AdaMerging (layer-wise)", AdaMerging, {}),
+                               ("AdaMerging++", AdaMerging, {"ties_top_k": 0.2}),
+                               ("Pareto Merging", ParetoMerging, {}),
+                               ("Pareto Merging++", ParetoMerging, {"ties_top_k": 0.2})):
+        gamma = equal if cls is ParetoMerging else None
+        cells: list[str] = []
+        model = cls(**options)
+        L.Trainer(max_steps=STEPS[-1], accelerator="cpu", logger=False, enable_checkpointing=False,
+                  callbacks=[_Record(cells, lambda m, g=gamma: measure(m.merged_parameters(g)))],
                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                   limit_val_batches=0).fit(model, datamodule=suite)
-        cells.append(100 * evaluate(model.merged_parameters(gamma))[0].mean())
-        print(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+        cells.append(measure(model.merged_parameters(gamma)))
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+    print("\n## 5. Pareto Merging after 500 steps by preference-tensor rank and Frobenius weight: mean test accuracy "
+          "(%) / mean entropy / share of the most-predicted class (%), at the equal preference\n")
+    print("| rank | β_frob = 1 (default) | β_frob = 100 |\n| --- | --- | --- |")
+    for rank in (1, 4, 16):
+        cells = []
+        for beta_frob in (1.0, 100.0):
+            model = ParetoMerging(rank=rank, beta_frob=beta_frob)
+            L.Trainer(max_steps=STEPS[-1], accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      limit_val_batches=0).fit(model, datamodule=suite)
+            cells.append(measure(model.merged_parameters(equal)))
+        print(f"| {rank} | " + " | ".join(cells) + " |", flush=True)
+
 
 if __name__ == "__main__":
     main()

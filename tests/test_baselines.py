@@ -315,3 +315,8 @@ def test_lightning_trains_adamerging_with_task_wise_coefficients(suite, tmp_path
     make_trainer(tmp_path, max_steps=5, limit_val_batches=1).fit(model, datamodule=suite)
     assert model.lambdas.shape == (1, 3)
     assert not torch.allclose(model.lambdas, torch.full((1, 3), 0.3))
+
+
+def test_pareto_merging_at_needs_a_preference():
+    with pytest.raises(ValueError, match="needs a preference: 3 non-negative weights"):
+        ParetoMerging(make_task_vectors(3), rank=2).at()

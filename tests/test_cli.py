@@ -94,3 +94,29 @@ def test_the_main_job_on_the_fast_tiny_suite_prints_the_table_and_writes_a_check
     equal = suite.evaluate(model.at([1, 1, 1]))
     for task in ("colour", "stripes", "size"):
         assert float(rows[task][2]) == pytest.approx(100 * equal[task], abs=0.051)
+
+
+@pytest.mark.slow
+def test_the_adamerging_config_fits_and_summarises_one_model(tmp_path, monkeypatch):
+    from paretomerge import AdaMerging
+    from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
+
+    monkeypatch.setenv("PARETOMERGE_CACHE", str(tmp_path / "cache"))
+    recipe = "{" + ", ".join(f"{k}: {v}" for k, v in FAST_RECIPE.items()) + "}"
+    result = run_cli("fit", "--config", str(ROOT / "configs" / "tiny_adamerging.yaml"),
+                     "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.accelerator", "cpu",
+                     "--trainer.enable_progress_bar", "false", "--data.init_args.tasks", f"[{','.join(FAST_TASKS)}]",
+                     "--data.init_args.recipe", recipe, "--data.init_args.test_images", "128",
+                     "--data.init_args.val_images", "64", "--data.init_args.batch_size", "8",
+                     "--model.init_args.ties_top_k", "0.2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "AdaMerging: test accuracy (%) per task" in result.stdout
+    mean_row = next(line for line in result.stdout.splitlines() if line.startswith("mean "))
+    printed = float(mean_row.split()[-1])
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    model = AdaMerging.load_from_checkpoint(checkpoint)
+    assert model.hparams.ties_top_k == 0.2 and model.lambdas.shape[1] == 3
+    suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,
+                      progress=False)
+    accuracy = suite.evaluate(model.at())
+    assert printed == pytest.approx(100 * sum(accuracy.values()) / 3, abs=0.051)

@@ -1,0 +1,71 @@
+"""benchmarks/compare_methods.py --quick runs end to end and its tables agree with what they are built from."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "benchmarks" / "compare_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_quick_comparison_writes_all_three_tables(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PARETOMERGE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    load_script().main(["--quick", "--out", str(out)])
+    for name in ("table_a", "table_b", "table_c", "compare"):
+        assert (out / f"{name}.md").is_file(), name
+    assert "Table A" in capsys.readouterr().out
+
+    table_a = {row["method"]: row for row in read(out / "table_a.csv")}
+    assert list(table_a) == [
+        "individual", "pretrained θ0", "weight averaging", "Task Arithmetic", "TIES", "DARE-TA", "DARE-TIES",
+        "AdaMerging (task-wise)", "AdaMerging (layer-wise)", "AdaMerging++", "Pareto Merging (equal pref.)",
+        "Pareto Merging++ (equal pref.)",
+    ]
+    # Rows built through the static registry agree with the suite's own build report.
+    report = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,
+                       progress=False).build_report
+    for task in FAST_TASKS:
+        assert float(table_a["Task Arithmetic"][task]) == pytest.approx(
+            100 * report["tasks"][task]["task_arithmetic_accuracy"], abs=0.051)
+        assert float(table_a["weight averaging"][task]) == pytest.approx(
+            100 * report["tasks"][task]["weight_averaging_accuracy"], abs=0.051)
+    assert table_a["AdaMerging (layer-wise)"]["runs"] == "1" and table_a["AdaMerging (layer-wise)"]["steps"] == "10"
+    assert table_a["TIES"]["runs"] == "0"
+
+    table_b = {row["method"]: row for row in read(out / "table_b.csv")}
+    assert "AdaMerging + preference (2 runs)" in table_b and table_b["AdaMerging + preference (2 runs)"]["runs"] == "2"
+    # A single model's preference-weighted sum over preferences summing to 1 lies within its accuracies.
+    ta = [float(table_a["Task Arithmetic"][t]) for t in FAST_TASKS]
+    mean_ta = float(table_b["Task Arithmetic"]["20 preferences"].split(" ± ")[0])
+    assert min(ta) - 0.1 <= mean_ta <= max(ta) + 0.1
+
+    table_c = read(out / "table_c.csv")
+    by_subset = {}
+    for row in table_c:
+        by_subset.setdefault(row["tasks"], []).append(row)
+    assert set(by_subset) == {"colour + stripes", "colour + stripes + size"}
+    assert {r["preferences"] for r in by_subset["colour + stripes"]} == {"11"}  # SPEC §4: 11 points for K = 2
+    assert {r["preferences"] for r in by_subset["colour + stripes + size"]} == {"36"}  # Das-Dennis, 7 partitions
+    for row in table_c:
+        # Normalising divides by individual accuracies <= 1, so it can only grow the volume.
+        assert 0 < float(row["HV"]) <= float(row["HV normalised"]) + 1e-4
+        assert int(row["non-dominated"]) <= int(row["preferences"])
