@@ -92,3 +92,14 @@ def test_grids_and_front_preferences():
     assert eight.shape == (30, 8)
     torch.testing.assert_close(eight[:9], equal_and_one_hots(8))
     assert torch.equal(eight, front_preferences(8, seed=0))
+
+
+def test_dirichlet_sets_are_seeded_on_the_simplex_and_extend_the_front_set():
+    from paretomerge.preferences import dirichlet_set
+
+    a = dirichlet_set(4, 20, seed=3)
+    assert a.shape == (20, 4) and (a >= 0).all()
+    torch.testing.assert_close(a.sum(1), torch.ones(20))
+    assert torch.equal(a, dirichlet_set(4, 20, seed=3)) and not torch.equal(a, dirichlet_set(4, 20, seed=4))
+    # The front set for K >= 4 is the equal preference, the one-hots, then the same seeded draws.
+    torch.testing.assert_close(front_preferences(8, seed=2)[9:], dirichlet_set(8, 21, seed=2))

@@ -284,3 +284,15 @@ def test_an_entry_finished_first_by_another_process_is_kept(tmp_path, monkeypatc
     cache.write_entry(entry, {"a": 1}, {"w": {"x": torch.zeros(2)}}, {"doc": {"k": 2}})
     assert (entry / "manifest.json").read_text() == "{}"  # theirs kept
     assert not [p for p in entry.parent.iterdir() if ".building-" in p.name]  # ours cleaned up
+
+
+def test_preference_weighted_sum_by_hand():
+    from paretomerge.pareto import preference_weighted_sum
+
+    acc = [[0.9, 0.5], [0.6, 0.8]]
+    # Row 0: 0.25·0.9 + 0.75·0.5 = 0.6; row 1: (2·0.6 + 2·0.8) / 4 = 0.7 (preferences are normalised).
+    np.testing.assert_allclose(preference_weighted_sum(acc, [[0.25, 0.75], [2.0, 2.0]]), [0.6, 0.7])
+    with pytest.raises(ValueError, match=r"must both be \[P, K\]"):
+        preference_weighted_sum(acc, [[0.5, 0.5]])
+    with pytest.raises(ValueError, match="non-negative"):
+        preference_weighted_sum(acc, [[1.0, -0.5], [0.5, 0.5]])
