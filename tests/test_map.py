@@ -1,0 +1,106 @@
+"""MAP's pieces (SPEC §6): sampling, the three surrogate cases, NSGA-III on surrogates, preference choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from paretomerge.map import (
+    DEFAULT_BUDGETS,
+    QuadraticSurrogate,
+    choose_for_preference,
+    initial_samples,
+    nsga3_front,
+    num_quadratic_parameters,
+)
+
+RNG = np.random.default_rng(0)
+A = np.array([[-2.0, 0.5, 0.1], [0.5, -1.0, -0.3], [0.1, -0.3, -0.5]])
+B = np.array([1.0, -0.5, 0.25])
+E = 0.3
+
+
+def quadratic(c: np.ndarray) -> np.ndarray:
+    return 0.5 * np.einsum("ni,ij,nj->n", c, A, c) + c @ B + E
+
+
+def test_samples_start_with_the_one_hots_and_follow_the_paper_budgets():
+    c = initial_samples(3, seed=1, bounds=(0.0, 1.0))
+    assert c.shape == (DEFAULT_BUDGETS[3], 3) == (50, 3)
+    np.testing.assert_array_equal(c[:3], np.eye(3))
+    assert (c >= 0).all() and (c <= 1).all()
+    np.testing.assert_array_equal(c, initial_samples(3, seed=1))
+    assert not np.array_equal(c, initial_samples(3, seed=2))
+    wide = initial_samples(2, budget=10, bounds=(-0.5, 1.5))
+    np.testing.assert_array_equal(wide[:2], [[1.5, -0.5], [-0.5, 1.5]])
+
+
+def test_case_1_recovers_an_exact_quadratic():
+    c = RNG.uniform(0, 1, (30, 3))
+    surrogate = QuadraticSurrogate("unbounded").fit(c, quadratic(c))
+    np.testing.assert_allclose(surrogate.A, A, atol=1e-6)
+    np.testing.assert_allclose(surrogate.b, B, atol=1e-6)
+    assert surrogate.e == pytest.approx(E, abs=1e-6)
+    held_out = RNG.uniform(0, 1, (20, 3))
+    assert surrogate.r2(held_out, quadratic(held_out)) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_case_2_fits_a_sigmoid_of_a_quadratic():
+    def metric(c):  # an accuracy in [0.1, 0.9]
+        return 0.8 / (1 + np.exp(-3 * quadratic(c))) + 0.1
+
+    c = RNG.uniform(0, 1, (40, 3))
+    surrogate = QuadraticSurrogate("bounded", low=0.1, high=0.9).fit(c, metric(c))
+    held_out = RNG.uniform(0, 1, (50, 3))
+    assert surrogate.r2(held_out, metric(held_out)) >= 0.99
+    assert ((surrogate.predict(held_out) >= 0.1) & (surrogate.predict(held_out) <= 0.9)).all()
+
+
+def test_case_3_fits_a_softplus_of_a_quadratic():
+    def metric(c):  # a loss >= 0.05
+        return np.log1p(np.exp(2 * quadratic(c))) + 0.05
+
+    c = RNG.uniform(0, 1, (40, 3))
+    surrogate = QuadraticSurrogate("lower_bounded", low=0.05).fit(c, metric(c))
+    held_out = RNG.uniform(0, 1, (50, 3))
+    assert surrogate.r2(held_out, metric(held_out)) >= 0.99
+
+
+def test_nsga3_on_two_known_quadratics_finds_the_analytic_front():
+    # f1 = −(c1−1)² − c2², f2 = −c1² − (c2−1)²: the Pareto set is the segment c1 + c2 = 1, c ∈ [0, 1]².
+    c = RNG.uniform(0, 1, (20, 2))
+    f1 = -((c[:, 0] - 1) ** 2) - c[:, 1] ** 2
+    f2 = -(c[:, 0] ** 2) - (c[:, 1] - 1) ** 2
+    surrogates = [QuadraticSurrogate().fit(c, f1), QuadraticSurrogate().fit(c, f2)]
+    front_c, front_values = nsga3_front(surrogates, seed=0)
+    assert len(front_c) >= 8
+    # In objective space the analytic front is (−2(1−t)², −2t²), t ∈ [0, 1]; every point found lies on it.
+    t = np.linspace(0, 1, 20001)
+    analytic = np.stack([-2 * (1 - t) ** 2, -2 * t ** 2], axis=1)
+    true_values = np.stack([-((front_c[:, 0] - 1) ** 2) - front_c[:, 1] ** 2,
+                            -(front_c[:, 0] ** 2) - (front_c[:, 1] - 1) ** 2], axis=1)
+    np.testing.assert_allclose(front_values, true_values, atol=1e-9)  # the surrogates are exact here
+    distance = np.linalg.norm(true_values[:, None, :] - analytic[None], axis=2).min(1)
+    assert distance.max() < 0.01, distance
+    assert np.abs(front_c.sum(1) - 1).max() < 0.05  # near the segment c1 + c2 = 1 in decision space too
+    assert front_c[:, 0].min() < 0.1 and front_c[:, 0].max() > 0.9  # and spanning it
+    chosen, index = choose_for_preference(front_c, front_values, [1.0, 0.0])
+    assert chosen[0] == pytest.approx(front_c[:, 0].max()) and index == int(np.argmax(front_values[:, 0]))
+
+
+def test_bad_input_is_refused_with_the_numbers():
+    c = RNG.uniform(0, 1, (9, 3))
+    assert num_quadratic_parameters(3) == 10
+    with pytest.raises(ValueError, match="9 evaluated points cannot fit a quadratic surrogate with 10 parameters"):
+        QuadraticSurrogate().fit(c, quadratic(c))
+    with pytest.raises(ValueError, match="low < high"):
+        initial_samples(2, bounds=(1.0, 1.0))
+    with pytest.raises(ValueError, match="low < high"):
+        nsga3_front([QuadraticSurrogate().fit(RNG.uniform(0, 1, (10, 3)), np.zeros(10))] * 2, bounds=(1, 0))
+    y = np.linspace(0.0, 1.2, 12)
+    with pytest.raises(ValueError, match=r"outside the declared range \[0.0, 1.0\]"):
+        QuadraticSurrogate("bounded", low=0.0, high=1.0).fit(RNG.uniform(0, 1, (12, 3)), y)
+    with pytest.raises(ValueError, match="below the declared minimum"):
+        QuadraticSurrogate("lower_bounded", low=0.5).fit(RNG.uniform(0, 1, (12, 3)), y)
+    with pytest.raises(ValueError, match="budget must be an int >= K=3"):
+        initial_samples(3, budget=2)
