@@ -91,6 +91,12 @@ def forward_features(backbone: nn.Module, params: Mapping[str, Tensor], images: 
     return torch.func.functional_call(backbone, dict(params), (images,))
 
 
+def forward_features_many(backbone: nn.Module, params: Mapping[str, Tensor], images: Tensor) -> Tensor:
+    """`forward_features` for M models at once: ``params`` name -> ``[M, *shape]`` (a leading model dimension, as
+    `merge` returns for ``[M, 1|L, K]`` coefficients), the same ``images`` for each. Returns ``[M, B, D]``."""
+    return torch.func.vmap(lambda p: forward_features(backbone, p, images))(dict(params))
+
+
 def forward_tasks(
     backbone: nn.Module,
     heads: Mapping[str, nn.Module],
