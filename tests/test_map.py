@@ -138,3 +138,32 @@ def test_the_evaluator_scores_merges_as_the_suite_does_batched_or_not_and_counts
     np.testing.assert_allclose(a[4], [suite_view[t] for t in tv.task_names], atol=1e-6)
     losses = MergeEvaluator(tv, fast_suite._split("test"), metric="loss")(c[:2])
     assert losses.shape == (2, 3) and (losses > 0).all()
+
+
+def synthetic_evaluator(num_tasks: int):
+    import torch
+
+    from paretomerge.map.evaluate import MergeEvaluator
+    from tests.synthetic import make_task_vectors
+
+    tv = make_task_vectors(num_tasks)
+    generator = torch.Generator().manual_seed(0)
+    data = {t: (torch.randn(16, 3, 16, 16, generator=generator), torch.randint(0, 3, (16,), generator=generator))
+            for t in tv.task_names}
+    return MergeEvaluator(tv, data)
+
+
+@pytest.mark.parametrize("num_tasks, expected", [(4, 4 + 8 * 4 * 2), (3, 3 + 8 * 2 + 8 * 3)])
+def test_nested_map_counts_k_log_k_evaluations(num_tasks, expected):
+    from paretomerge.map.nested import nested_map
+
+    evaluator = synthetic_evaluator(num_tasks)
+    result = nested_map(evaluator, [1.0] * num_tasks, points_per_pair=8, generations=40)
+    # K evaluations of the fine-tuned models, then per round T = 8 pair scalings on the tasks being merged:
+    # K = 4: two 2-task pairs, then one 4-task pair: 4 + 8·(2+2) + 8·4 = 4 + T·K·log2(K).
+    assert result.evaluations == evaluator.count == expected
+    assert len(result.merges) == num_tasks - 1
+    assert sorted(sum((a + b for a, b, _ in result.merges[-1:]), [])) == sorted(evaluator.tv.task_names)
+    assert result.coefficients.shape == (num_tasks,) and (result.coefficients >= 0).all()
+    with pytest.raises(ValueError, match="cannot fit a 2-task quadratic surrogate with 6 parameters"):
+        nested_map(evaluator, [1.0] * num_tasks, points_per_pair=5)

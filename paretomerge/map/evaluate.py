@@ -3,7 +3,7 @@ forward on data prepared once, and counted (an evaluation is one merged model on
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -44,21 +44,28 @@ class MergeEvaluator:
         self.count = 0
 
     @torch.no_grad()
-    def __call__(self, c: np.ndarray) -> np.ndarray:
+    def __call__(self, c: np.ndarray, tasks: Sequence[str] | None = None) -> np.ndarray:
+        """Scores ``[n, K]``; with ``tasks``, only those columns are evaluated (and counted), the others are NaN."""
         c = np.atleast_2d(np.asarray(c, dtype=np.float64))
         if c.shape[1] != self.tv.num_tasks or not np.isfinite(c).all():
             raise ValueError(f"scaling vectors must be finite [n, K={self.tv.num_tasks}], got shape {c.shape}")
+        tasks = list(self.tv.task_names) if tasks is None else list(tasks)
+        unknown = [t for t in tasks if t not in self.tv.task_names]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; the task vectors have {list(self.tv.task_names)}")
         rows = []
         for start in range(0, len(c), self.models_per_call):
             chunk = torch.as_tensor(c[start:start + self.models_per_call], dtype=torch.float32, device=self.tv.device)
             params = merge(self.tv.theta0, self.tv.tau, chunk.unsqueeze(1))  # [M, 1, K] -> name: [M, *shape]
-            rows.append(self._score(params, len(chunk)))
-        self.count += c.size
+            rows.append(self._score(params, len(chunk), tasks))
+        self.count += len(c) * len(tasks)
         return np.concatenate(rows)
 
-    def _score(self, params: Mapping[str, Tensor], num_models: int) -> np.ndarray:
-        scores = np.zeros((num_models, self.tv.num_tasks))
+    def _score(self, params: Mapping[str, Tensor], num_models: int, tasks: Sequence[str]) -> np.ndarray:
+        scores = np.full((num_models, self.tv.num_tasks), np.nan)
         for k, task in enumerate(self.tv.task_names):
+            if task not in tasks:
+                continue
             images, labels = self.data[task]
             logits = torch.cat([self._features(params, num_models, x) for x in images.split(self.batch_size)], dim=1)
             logits = self.tv.heads[task](logits)  # [M, N, C]
