@@ -167,3 +167,39 @@ def test_nested_map_counts_k_log_k_evaluations(num_tasks, expected):
     assert result.coefficients.shape == (num_tasks,) and (result.coefficients >= 0).all()
     with pytest.raises(ValueError, match="cannot fit a 2-task quadratic surrogate with 6 parameters"):
         nested_map(evaluator, [1.0] * num_tasks, points_per_pair=5)
+
+
+def test_angular_bins_by_hand():
+    from paretomerge.map.bayesian import angular_bins
+
+    # K = 2: one angle atan2(c2, c1) in [0, π/2], four bins of π/8.
+    np.testing.assert_array_equal(angular_bins(np.array([[1, 0], [0, 1], [1, 1], [1, 0.3], [0.3, 1]]), 4),
+                                  [0, 3, 2, 0, 3])  # atan(0.3) = 0.29 < π/8; atan(1/0.3) = 1.28 > 3π/8
+    # K = 3: φ1 = arccos(c1/‖c‖), φ2 = atan2(c3, c2); bin = 4·b1 + b2.
+    c = np.array([[1, 0, 0], [0, 0, 1], [0, 1, 0], [1, 1, 1]])
+    # [1,1,1]: φ1 = arccos(1/√3) = 0.955 -> bin 2 (0.785..1.178); φ2 = π/4 -> bin 2.
+    np.testing.assert_array_equal(angular_bins(c, 4), [0, 4 * 3 + 3, 4 * 3 + 0, 4 * 2 + 2])
+
+
+def test_bin_scores_follow_algorithm_3():
+    from paretomerge.map.bayesian import bin_scores
+
+    errors = np.array([0.5, 0.5, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0])
+    bins = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    scores = bin_scores(errors, bins, drop=0.2, resamples=30, seed=0)
+    assert scores[0].mean == 0.5 and scores[0].std == 0.0 and scores[0].score == 0.5  # identical errors
+    assert scores[1].mean == pytest.approx(3.0)
+    # Bin 1 drops one of its five points per resample, so each resample mean is one of (15 − e)/4.
+    possible = (15 - errors[3:]) / 4
+    assert 0 < scores[1].std <= (possible.max() - possible.min()) / 2
+    assert scores[1].score == pytest.approx(scores[1].mean + 0.5 * scores[1].std)
+
+
+def test_bayesian_map_spends_its_budget_and_counts_it():
+    from paretomerge.map.bayesian import bayesian_map
+
+    evaluator = synthetic_evaluator(2)
+    result = bayesian_map(evaluator, initial=8, per_round=4, rounds=2, bins_per_angle=4)
+    assert result.c.shape == (16, 2) and result.metrics.shape == (16, 2)
+    assert result.evaluations == evaluator.count == 16 * 2
+    assert len(result.surrogates) == 2 and ((result.c >= 0) & (result.c <= 1)).all()
