@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from pymoo.indicators.gd import GD
 from pymoo.indicators.hv import HV
+from pymoo.indicators.igd import IGD
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
 
@@ -60,3 +62,32 @@ def preference_weighted_sum(accuracy: Sequence[Sequence[float]] | np.ndarray | t
     if not np.isfinite(prefs).all() or (prefs < 0).any() or not (prefs.sum(1) > 0).all():
         raise ValueError("preferences must be finite, non-negative, with a positive sum per row")
     return (prefs / prefs.sum(1, keepdims=True) * acc).sum(1)
+
+
+def generational_distance(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
+                          reference: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> float:
+    """GD of the front ``Acc [P, K]`` to a reference front ``[Q, K]`` (e.g. a dense grid search): the mean distance
+    from each point to its nearest reference point (pymoo ``GD`` on ``−Acc``)."""
+    acc, ref = _matrix(accuracy), _matrix(reference)
+    if acc.shape[1] != ref.shape[1]:
+        raise ValueError(f"front and reference must have the same K, got {acc.shape[1]} and {ref.shape[1]}")
+    return float(GD(-ref)(-acc))
+
+
+def inverted_generational_distance(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
+                                   reference: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> float:
+    """IGD: the mean distance from each reference point to its nearest front point (pymoo ``IGD`` on ``−Acc``)."""
+    acc, ref = _matrix(accuracy), _matrix(reference)
+    if acc.shape[1] != ref.shape[1]:
+        raise ValueError(f"front and reference must have the same K, got {acc.shape[1]} and {ref.shape[1]}")
+    return float(IGD(-ref)(-acc))
+
+
+def win_rate(accuracy_a: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
+             accuracy_b: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> float:
+    """MAP paper §4.1: the share of (point of A, point of B, task) triples where A's accuracy is higher,
+    ``(1/(P·Q·K)) Σ_i Σ_j Σ_k 1[A[i,k] > B[j,k]]`` (SPEC §4 writes P² for fronts of equal size)."""
+    a, b = _matrix(accuracy_a), _matrix(accuracy_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"fronts must have the same K, got {a.shape[1]} and {b.shape[1]}")
+    return float((a[:, None, :] > b[None, :, :]).mean())

@@ -203,3 +203,20 @@ def test_bayesian_map_spends_its_budget_and_counts_it():
     assert result.c.shape == (16, 2) and result.metrics.shape == (16, 2)
     assert result.evaluations == evaluator.count == 16 * 2
     assert len(result.surrogates) == 2 and ((result.c >= 0) & (result.c <= 1)).all()
+
+
+def test_front_indicators_by_hand():
+    from paretomerge.pareto import generational_distance, inverted_generational_distance, win_rate
+
+    ref = np.array([[1.0, 0.0], [0.0, 1.0]])
+    front = np.array([[0.8, 0.0]])
+    assert generational_distance(front, ref) == pytest.approx(0.2)
+    # IGD: from (1,0) the nearest is 0.2 away, from (0,1) it is √(0.8² + 1) away.
+    assert inverted_generational_distance(front, ref) == pytest.approx((0.2 + np.sqrt(0.64 + 1)) / 2)
+    a = np.array([[0.9, 0.5]])
+    b = np.array([[0.8, 0.6], [0.95, 0.4]])
+    # Triples (a, b_j, k): 0.9>0.8 yes, 0.5>0.6 no, 0.9>0.95 no, 0.5>0.4 yes -> 2 of 4.
+    assert win_rate(a, b) == pytest.approx(0.5)
+    assert win_rate(b, a) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="same K"):
+        win_rate(a, np.ones((2, 3)))
