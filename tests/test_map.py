@@ -220,3 +220,24 @@ def test_front_indicators_by_hand():
     assert win_rate(b, a) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="same K"):
         win_rate(a, np.ones((2, 3)))
+
+
+def test_the_map_callback_logs_its_front_beside_pareto_merging(fast_suite, tmp_path):
+    from callbacks.map_baseline import MAPBaseline
+    from paretomerge import ParetoMerging
+    from tests.conftest import make_trainer
+
+    callback = MAPBaseline(budget=16, real_samples=4, generations=30)
+    trainer = make_trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(ParetoMerging(rank=2), datamodule=fast_suite)
+    metrics = callback.last["metrics"]
+    assert metrics["map/evaluations"] == 16 * 3  # the budget, on each of the 3 tasks
+    picks = len(callback.last["picks"])
+    assert 2 <= picks <= 4 and metrics["map/evaluations_with_real_check"] == (16 + picks) * 3
+    for key in ("map/hv_predicted", "map/hv_real", "map/gd_predicted_vs_real", "map/igd_predicted_vs_real",
+                "map/win_rate_module_vs_map", "map/win_rate_map_vs_module", "map/hv_module"):
+        assert np.isfinite(metrics[key]), key
+    # Both win rates count strict wins, so they sum to at most 1 (ties count for neither).
+    assert metrics["map/win_rate_module_vs_map"] + metrics["map/win_rate_map_vs_module"] <= 1 + 1e-9
+    assert any(key.startswith("map/r2/") for key in metrics)
+    assert (tmp_path / "map_front.csv").is_file()

@@ -249,6 +249,10 @@ class TinySuite(LightningDataModule):
                 result[task] = float(metric.compute())
         return result
 
+    def labeled(self, split: str = "val") -> dict[str, tuple[Tensor, Tensor]]:
+        """task -> (images ``[N, 3, 32, 32]``, labels ``[N]``) of the labeled ``test`` or ``val`` split."""
+        return self._split(split)
+
     def _split(self, split: str) -> dict[str, tuple[Tensor, Tensor]]:
         """task -> (images ``[N, 3, 32, 32]``, labels ``[N]``) of the labeled ``test`` or ``val`` split."""
         if split not in ("test", "val"):

@@ -1,0 +1,126 @@
+"""`MAPBaseline`: run MAP (SPEC §6) on the module's own task vectors and the datamodule's labeled validation
+split, at the end of fit (or every N validations), and log its front beside Pareto Merging's.
+
+    paretomerge fit --config configs/tiny.yaml --config configs/map.yaml
+
+Logged (``map/...``): real evaluations spent, per-task held-out R², hypervolume of the predicted and of the
+re-evaluated front, GD and IGD between predicted and real, and the win rate of the module's front (``at(p)`` on
+the SPEC §4 preferences, same split) against MAP's real front. The points go to ``<log_dir>/map_front.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+from paretomerge.map.bayesian import bayesian_map
+from paretomerge.map.evaluate import MergeEvaluator
+from paretomerge.map.plain import plain_map
+from paretomerge.map.search import nsga3_front
+from paretomerge.pareto import generational_distance, hypervolume, inverted_generational_distance, win_rate
+from paretomerge.preferences import front_preferences
+
+VARIANTS = ("plain", "bayesian")
+
+
+class MAPBaseline(L.Callback):
+    """variant: ``plain`` (Algorithm 1) or ``bayesian`` (Algorithm 3: ``initial`` points, then ``rounds`` of
+    ``per_round``). budget: real evaluations per task for plain MAP (default: the paper's for K). real_samples:
+    predicted front members re-evaluated for real. every_n_validations: also run after every N-th validation."""
+
+    def __init__(self, variant: str = "plain", budget: int | None = None, real_samples: int = 10,
+                 every_n_validations: int | None = None, split: str = "val", bounds: tuple[float, float] = (0.0, 1.0),
+                 generations: int = 300, initial: int = 20, per_round: int = 10, rounds: int = 3,
+                 seed: int = 0) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"MAP variant must be one of {VARIANTS}, got {variant!r}")
+        if real_samples < 2:
+            raise ValueError(f"real_samples must be at least 2, got {real_samples}")
+        self.variant, self.budget, self.real_samples = variant, budget, real_samples
+        self.every_n_validations, self.split, self.bounds = every_n_validations, split, tuple(bounds)
+        self.generations, self.seed = generations, seed
+        self.initial, self.per_round, self.rounds = initial, per_round, rounds
+        self.validations = 0
+        self.last: dict[str, Any] | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self.every_n_validations:
+            return
+        self.validations += 1
+        if self.validations % self.every_n_validations == 0:
+            self._run(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run(trainer, pl_module)
+
+    @rank_zero_only
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tv, datamodule = pl_module.task_vectors, trainer.datamodule
+        if tv is None or not tv.has_task_vectors or not hasattr(datamodule, "labeled"):
+            rank_zero_warn("MAPBaseline needs the module's task vectors and a datamodule with labeled(split); skipped")
+            return
+        evaluator = MergeEvaluator(tv, datamodule.labeled(self.split))
+        if self.variant == "plain":
+            result = plain_map(evaluator, self.budget, bounds=self.bounds, seed=self.seed,
+                               generations=self.generations)
+            front_c, predicted, r2 = result.front_c, result.front_predicted, result.r2
+        else:
+            result = bayesian_map(evaluator, self.initial, self.per_round, self.rounds, bounds=self.bounds,
+                                  seed=self.seed)
+            front_c, predicted = nsga3_front(result.surrogates, bounds=self.bounds, generations=self.generations,
+                                             seed=self.seed)
+            r2 = np.full(tv.num_tasks, np.nan)
+        spent = evaluator.count
+        picks = np.unique(np.linspace(0, len(front_c) - 1, min(self.real_samples, len(front_c))).round().astype(int))
+        real = evaluator(front_c[picks])
+        predicted_sample = np.clip(predicted[picks], 0.0, None)
+        module_front = self._module_front(pl_module, datamodule)
+        metrics = {
+            "map/evaluations": float(spent),
+            "map/evaluations_with_real_check": float(evaluator.count),
+            "map/hv_predicted": hypervolume(np.clip(predicted, 0.0, None)),
+            "map/hv_real": hypervolume(real),
+            "map/gd_predicted_vs_real": generational_distance(predicted_sample, real),
+            "map/igd_predicted_vs_real": inverted_generational_distance(predicted_sample, real),
+        }
+        metrics.update({f"map/r2/{t}": float(v) for t, v in zip(tv.task_names, r2, strict=True) if np.isfinite(v)})
+        if module_front is not None:
+            metrics["map/win_rate_module_vs_map"] = win_rate(module_front, real)
+            metrics["map/win_rate_map_vs_module"] = win_rate(real, module_front)
+            metrics["map/hv_module"] = hypervolume(module_front)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._write_csv(log_dir / "map_front.csv", list(tv.task_names), front_c, predicted, picks, real)
+        self.last = {"metrics": metrics, "front_c": front_c, "predicted": predicted, "real": real, "picks": picks}
+        print(f"\nMAP ({self.variant}, {spent} real evaluations + {evaluator.count - spent} to check): "
+              + ", ".join(f"{k.removeprefix('map/')} {v:.4f}" for k, v in metrics.items()
+                          if "evaluations" not in k) + f"\nMAP front: {log_dir / 'map_front.csv'}")
+
+    def _module_front(self, pl_module: L.LightningModule, datamodule: Any) -> np.ndarray | None:
+        if not getattr(pl_module, "preference_aware", False) or not hasattr(datamodule, "evaluate"):
+            return None
+        tasks = pl_module.task_vectors.task_names
+        rows = []
+        for p in front_preferences(len(tasks), self.seed):
+            accuracy = datamodule.evaluate(pl_module.at(p), split=self.split)
+            rows.append([accuracy[t] for t in tasks])
+        return np.array(rows)
+
+    @staticmethod
+    def _write_csv(path: Path, tasks: list[str], front_c: np.ndarray, predicted: np.ndarray, picks: np.ndarray,
+                   real: np.ndarray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        real_by_row = dict(zip(picks.tolist(), real.tolist(), strict=True))
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([f"{kind}_{t}" for kind in ("c", "predicted", "real") for t in tasks])
+            for i, (c, p) in enumerate(zip(front_c.tolist(), predicted.tolist(), strict=True)):
+                real_row = real_by_row.get(i, [""] * len(tasks))
+                writer.writerow([f"{v:.6f}" for v in c] + [f"{v:.6f}" for v in p]
+                                + [f"{v:.6f}" if v != "" else "" for v in real_row])
