@@ -64,23 +64,24 @@ def preference_weighted_sum(accuracy: Sequence[Sequence[float]] | np.ndarray | t
     return (prefs / prefs.sum(1, keepdims=True) * acc).sum(1)
 
 
+def _against_reference(indicator: type, accuracy, reference) -> float:
+    acc, ref = _matrix(accuracy), _matrix(reference)
+    if acc.shape[1] != ref.shape[1]:
+        raise ValueError(f"front and reference must have the same K, got {acc.shape[1]} and {ref.shape[1]}")
+    return float(indicator(-ref)(-acc))
+
+
 def generational_distance(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
                           reference: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> float:
     """GD of the front ``Acc [P, K]`` to a reference front ``[Q, K]`` (e.g. a dense grid search): the mean distance
     from each point to its nearest reference point (pymoo ``GD`` on ``−Acc``)."""
-    acc, ref = _matrix(accuracy), _matrix(reference)
-    if acc.shape[1] != ref.shape[1]:
-        raise ValueError(f"front and reference must have the same K, got {acc.shape[1]} and {ref.shape[1]}")
-    return float(GD(-ref)(-acc))
+    return _against_reference(GD, accuracy, reference)
 
 
 def inverted_generational_distance(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
                                    reference: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> float:
     """IGD: the mean distance from each reference point to its nearest front point (pymoo ``IGD`` on ``−Acc``)."""
-    acc, ref = _matrix(accuracy), _matrix(reference)
-    if acc.shape[1] != ref.shape[1]:
-        raise ValueError(f"front and reference must have the same K, got {acc.shape[1]} and {ref.shape[1]}")
-    return float(IGD(-ref)(-acc))
+    return _against_reference(IGD, accuracy, reference)
 
 
 def win_rate(accuracy_a: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,

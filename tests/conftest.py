@@ -27,3 +27,14 @@ def make_trainer(root, max_steps: int, **kwargs) -> L.Trainer:
 @pytest.fixture
 def suite():
     return SyntheticSuite(num_tasks=3, batch_size=8, num_batches=3)
+
+
+@pytest.fixture(scope="module")
+def fast_tiny(tmp_path_factory):
+    """The fast 3-task TinySuite, built once per test module into a temporary cache."""
+    from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
+
+    suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,
+                      progress=False, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    suite.task_vectors()
+    return suite

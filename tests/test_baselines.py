@@ -20,7 +20,6 @@ from paretomerge import (
 from paretomerge.kernels import forward_features, merge
 from paretomerge.kernels.sparsify import dare_drop, disjoint_mean_split, ties_select
 from paretomerge.objectives import entropy
-from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
 from tests.conftest import make_trainer
 from tests.synthetic import make_task_vectors
 
@@ -195,14 +194,6 @@ def test_adamerging_lowers_the_entropy_it_minimises(suite, tmp_path):
     trainer.fit(model, datamodule=suite)
     after = total_entropy()
     assert after < before - 0.05, (before, after)
-
-
-@pytest.fixture(scope="module")
-def fast_tiny(tmp_path_factory):
-    suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,
-                      progress=False, cache_dir=str(tmp_path_factory.mktemp("cache")))
-    suite.task_vectors()
-    return suite
 
 
 def fit_adamerging(suite, tmp_path, steps=100, **options):

@@ -107,36 +107,26 @@ def test_bad_input_is_refused_with_the_numbers():
 
 
 # ---------------------------------------------------------------- real evaluations through the kernels
-@pytest.fixture(scope="module")
-def fast_suite(tmp_path_factory):
-    from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
-
-    suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,
-                      progress=False, cache_dir=str(tmp_path_factory.mktemp("cache")))
-    suite.task_vectors()
-    return suite
-
-
-def test_the_evaluator_scores_merges_as_the_suite_does_batched_or_not_and_counts(fast_suite):
+def test_the_evaluator_scores_merges_as_the_suite_does_batched_or_not_and_counts(fast_tiny):
     from paretomerge import static_model
     from paretomerge.map.evaluate import MergeEvaluator
 
-    tv = fast_suite.task_vectors()
-    one_at_a_time = MergeEvaluator(tv, fast_suite._split("test"), models_per_call=1)
-    batched = MergeEvaluator(tv, fast_suite._split("test"), models_per_call=4, batch_size=50)
+    tv = fast_tiny.task_vectors()
+    one_at_a_time = MergeEvaluator(tv, fast_tiny._split("test"), models_per_call=1)
+    batched = MergeEvaluator(tv, fast_tiny._split("test"), models_per_call=4, batch_size=50)
     c = np.concatenate([np.eye(3), np.full((1, 3), 0.3), RNG.uniform(0, 1, (2, 3))])
     a, b = one_at_a_time(c), batched(c)
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert one_at_a_time.count == batched.count == 6 * 3
-    report = fast_suite.build_report
+    report = fast_tiny.build_report
     for k, task in enumerate(tv.task_names):
         assert a[k, k] == pytest.approx(report["tasks"][task]["individual_accuracy"], abs=1e-6)
         assert a[3, k] == pytest.approx(report["tasks"][task]["task_arithmetic_accuracy"], abs=1e-6)
     # θ0 + Σ c_k τ_k is Task Arithmetic + preference with γ = c / Σc and s = Σc / K.
     net = static_model("task_arithmetic_preference", tv, preference=c[4], scale=float(c[4].sum()) / 3)
-    suite_view = fast_suite.evaluate(net)
+    suite_view = fast_tiny.evaluate(net)
     np.testing.assert_allclose(a[4], [suite_view[t] for t in tv.task_names], atol=1e-6)
-    losses = MergeEvaluator(tv, fast_suite._split("test"), metric="loss")(c[:2])
+    losses = MergeEvaluator(tv, fast_tiny._split("test"), metric="loss")(c[:2])
     assert losses.shape == (2, 3) and (losses > 0).all()
 
 
@@ -222,14 +212,14 @@ def test_front_indicators_by_hand():
         win_rate(a, np.ones((2, 3)))
 
 
-def test_the_map_callback_logs_its_front_beside_pareto_merging(fast_suite, tmp_path):
+def test_the_map_callback_logs_its_front_beside_pareto_merging(fast_tiny, tmp_path):
     from callbacks.map_baseline import MAPBaseline
     from paretomerge import ParetoMerging
     from tests.conftest import make_trainer
 
     callback = MAPBaseline(budget=16, real_samples=4, generations=30)
     trainer = make_trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[callback])
-    trainer.fit(ParetoMerging(rank=2), datamodule=fast_suite)
+    trainer.fit(ParetoMerging(rank=2), datamodule=fast_tiny)
     metrics = callback.last["metrics"]
     assert metrics["map/evaluations"] == 16 * 3  # the budget, on each of the 3 tasks
     picks = len(callback.last["picks"])
