@@ -231,3 +231,16 @@ def test_the_map_callback_logs_its_front_beside_pareto_merging(fast_tiny, tmp_pa
     assert metrics["map/win_rate_module_vs_map"] + metrics["map/win_rate_map_vs_module"] <= 1 + 1e-9
     assert any(key.startswith("map/r2/") for key in metrics)
     assert (tmp_path / "map_front.csv").is_file()
+
+
+def test_task_vector_subsets_keep_the_chosen_tasks():
+    from tests.synthetic import make_task_vectors
+
+    tv = make_task_vectors(3)
+    sub = tv.subset(["task2", "task0"])
+    assert sub.task_names == ("task2", "task0") and sub.backbone is tv.backbone
+    for name in tv.layer_names:
+        assert sub.tau[name].shape[0] == 2
+        assert sub.tau[name][0].data_ptr() != 0 and (sub.tau[name][0] == tv.tau[name][2]).all()
+    with pytest.raises(ValueError, match="unknown tasks"):
+        tv.subset(["task9"])

@@ -159,6 +159,17 @@ class TaskVectors:
         return TaskVectors(self.backbone, {n: tau[n] for n in own}, self.heads, self.task_names,
                            self.backbone_spec, self.head_specs)
 
+    def subset(self, task_names: Sequence[str]) -> TaskVectors:
+        """The same θ0 with only ``task_names`` (in that order): their task vectors and heads, shared, not copied."""
+        names = check_task_names(task_names)
+        unknown = [t for t in names if t not in self.task_names]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; these task vectors have {list(self.task_names)}")
+        rows = [self.task_names.index(t) for t in names]
+        tau = {n: t[rows] for n, t in self._require_tau("subset").items()}
+        return TaskVectors(self.backbone, tau, {t: self.heads[t] for t in names}, names, self.backbone_spec,
+                           {t: self.head_specs[t] for t in names})
+
     def ties(self, top_k: float = 0.2, disjoint_mean: bool = False) -> TaskVectors:
         """TIES-preprocessed task vectors: each τ_k trimmed to its top ``top_k`` entries by magnitude (ranked over
         the whole task vector) and masked to the elected sign (`sparsify.ties_select`). With ``disjoint_mean``

@@ -1,0 +1,135 @@
+"""MAP on the TinySuite (SPEC §6), in the shapes of the MAP paper's tables. Every real evaluation goes through
+`MergeEvaluator` (``kernels.merge`` + the kernels' forward) on the default suite's labeled validation split;
+subsets of tasks are `TaskVectors.subset` of the 8-task suite.
+
+    python benchmarks/bench_map.py                 # all tables
+    python benchmarks/bench_map.py --tables 1 5    # some of them
+
+1. For K = 2, 3, 4: MAP's evaluations, held-out R², and the win rate of MAP's (re-evaluated) front against a
+   grid search given 4–6× more evaluations.
+2. K = 2: IGD to a dense-grid ground truth against the number of evaluations, MAP (predicted and real) and grid.
+3. K = 2: Bayesian MAP against plain MAP at equal budgets (IGD to the dense grid).
+4. The evaluation kernel: seconds per evaluated c, several models per call (vmap) against one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from paretomerge.map.bayesian import bayesian_map
+from paretomerge.map.evaluate import MergeEvaluator
+from paretomerge.map.plain import plain_map
+from paretomerge.map.sampling import DEFAULT_BUDGETS
+from paretomerge.map.search import nsga3_front
+from paretomerge.pareto import inverted_generational_distance, non_dominated, win_rate
+from paretomerge.suites import TinySuite
+
+SUBSETS = {2: ["digit", "position"], 3: ["shape", "digit", "count"], 4: ["shape", "digit", "count", "colour"]}
+
+
+def grid(num_tasks: int, per_dim: int) -> np.ndarray:
+    axis = np.linspace(0.0, 1.0, per_dim)
+    return np.array(list(itertools.product(axis, repeat=num_tasks)))
+
+
+def evaluator_for(suite: TinySuite, tasks: list[str], **options) -> MergeEvaluator:
+    data = suite.labeled("val")
+    return MergeEvaluator(suite.task_vectors().subset(tasks), {t: data[t] for t in tasks}, **options)
+
+
+def front_of(values: np.ndarray) -> np.ndarray:
+    return values[non_dominated(values)]
+
+
+def table_1(suite: TinySuite) -> None:
+    print("### 1. MAP against grid search (validation accuracy; win rate of MAP's real front)\n")
+    print("| K | tasks | MAP evaluations | mean held-out R² | grid evaluations | ratio | win rate MAP vs grid "
+          "| win rate grid vs MAP | MAP s | grid s |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k, tasks in SUBSETS.items():
+        evaluator = evaluator_for(suite, tasks)
+        start = time.perf_counter()
+        result = plain_map(evaluator)
+        real = evaluator(result.front_c)
+        map_seconds = time.perf_counter() - start
+        per_dim = int(round((6 * DEFAULT_BUDGETS[k]) ** (1 / k)))
+        start = time.perf_counter()
+        grid_values = evaluator_for(suite, tasks)(grid(k, per_dim))
+        grid_seconds = time.perf_counter() - start
+        grid_evaluations = per_dim ** k * k
+        print(f"| {k} | {', '.join(tasks)} | {result.evaluations} | {np.nanmean(result.r2):.3f} | {grid_evaluations} "
+              f"| {grid_evaluations / result.evaluations:.1f} | {win_rate(front_of(real), front_of(grid_values)):.3f} "
+              f"| {win_rate(front_of(grid_values), front_of(real)):.3f} | {map_seconds:.0f} | {grid_seconds:.0f} |",
+              flush=True)
+
+
+def table_2_and_3(suite: TinySuite, tables: set[int]) -> None:
+    tasks = SUBSETS[2]
+    truth = front_of(evaluator_for(suite, tasks)(grid(2, 41)))
+    if 2 in tables:
+        print("\n### 2. K = 2: IGD to the dense-grid front (41 × 41 points) by evaluations spent\n")
+        print("| method | points | evaluations | IGD predicted | IGD real |\n|---|---:|---:|---:|---:|")
+        for budget in (8, 12, 16, 20, 30, 50):
+            evaluator = evaluator_for(suite, tasks)
+            result = plain_map(evaluator, budget=budget, holdout=0.0)
+            real = evaluator(result.front_c)
+            print(f"| MAP | {budget} | {result.evaluations} | "
+                  f"{inverted_generational_distance(np.clip(result.front_predicted, 0, None), truth):.4f} | "
+                  f"{inverted_generational_distance(real, truth):.4f} |", flush=True)
+        for per_dim in (3, 4, 5, 7, 10, 14):
+            values = evaluator_for(suite, tasks)(grid(2, per_dim))
+            print(f"| grid | {per_dim}×{per_dim} | {per_dim ** 2 * 2} | — | "
+                  f"{inverted_generational_distance(front_of(values), truth):.4f} |", flush=True)
+    if 3 in tables:
+        print("\n### 3. K = 2: Bayesian MAP against plain MAP at equal budgets (IGD of the real front)\n")
+        print("| points | plain MAP | Bayesian MAP (6 + rounds × 3) |\n|---:|---:|---:|")
+        for rounds in (1, 3, 5):
+            budget = 6 + 3 * rounds
+            plain_eval = evaluator_for(suite, tasks)
+            plain = plain_map(plain_eval, budget=budget, holdout=0.0)
+            bayes_eval = evaluator_for(suite, tasks)
+            bayes = bayesian_map(bayes_eval, initial=6, per_round=3, rounds=rounds)
+            bayes_c, _ = nsga3_front(bayes.surrogates)
+            print(f"| {budget} | {inverted_generational_distance(plain_eval(plain.front_c), truth):.4f} | "
+                  f"{inverted_generational_distance(bayes_eval(bayes_c), truth):.4f} |", flush=True)
+
+
+def table_4(suite: TinySuite, rounds: int = 4) -> None:
+    print("\n### 4. Evaluation kernel: seconds per evaluated c (8 tasks, 256 validation images each)\n")
+    c = np.random.default_rng(0).uniform(0, 1, (8, 8))
+    evaluators = {m: evaluator_for(suite, list(suite.tasks), models_per_call=m) for m in (1, 8)}
+    times: dict[int, list[float]] = {1: [], 8: []}
+    for r in range(rounds):
+        for m in ((1, 8) if r % 2 == 0 else (8, 1)):
+            start = time.perf_counter()
+            evaluators[m](c)
+            times[m].append((time.perf_counter() - start) / len(c))
+    one, many = np.median(times[1]), np.median(times[8])
+    print("| models per call | median s per c |\n|---:|---:|")
+    print(f"| 1 | {one:.3f} |\n| 8 | {many:.3f} |\n\nratio 8-per-call / one-at-a-time: {many / one:.2f} "
+          f"(median of {rounds} alternating rounds)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tables", nargs="*", type=int, default=[1, 2, 3, 4])
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    suite = TinySuite(progress=False)
+    tables = set(args.tables)
+    if 1 in tables:
+        table_1(suite)
+    if tables & {2, 3}:
+        table_2_and_3(suite, tables)
+    if 4 in tables:
+        table_4(suite)
+
+
+if __name__ == "__main__":
+    main()
