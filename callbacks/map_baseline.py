@@ -20,23 +20,26 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from paretomerge.map.bayesian import bayesian_map
 from paretomerge.map.evaluate import MergeEvaluator
+from paretomerge.map.nested import nested_map
 from paretomerge.map.plain import plain_map
 from paretomerge.map.search import nsga3_front
 from paretomerge.pareto import generational_distance, hypervolume, inverted_generational_distance, win_rate
 from paretomerge.preferences import front_preferences
 
-VARIANTS = ("plain", "bayesian")
+VARIANTS = ("plain", "bayesian", "nested")
 
 
 class MAPBaseline(L.Callback):
-    """variant: ``plain`` (Algorithm 1) or ``bayesian`` (Algorithm 3: ``initial`` points, then ``rounds`` of
-    ``per_round``). budget: real evaluations per task for plain MAP (default: the paper's for K). real_samples:
-    predicted front members re-evaluated for real. every_n_validations: also run after every N-th validation."""
+    """variant: ``plain`` (Algorithm 1), ``bayesian`` (Algorithm 3: ``initial`` points, then ``rounds`` of
+    ``per_round``) or ``nested`` (Algorithm 2: one model per preference, for the first ``nested_preferences`` of
+    the SPEC §4 set, ``points_per_pair`` scalings per pair). budget: points for plain MAP (default: the paper's for
+    K). real_samples: predicted front members re-evaluated for real. every_n_validations: also run after every
+    N-th validation."""
 
     def __init__(self, variant: str = "plain", budget: int | None = None, real_samples: int = 10,
                  every_n_validations: int | None = None, split: str = "val", bounds: tuple[float, float] = (0.0, 1.0),
                  generations: int = 300, initial: int = 20, per_round: int = 10, rounds: int = 3,
-                 seed: int = 0) -> None:
+                 nested_preferences: int = 5, points_per_pair: int = 20, seed: int = 0) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"MAP variant must be one of {VARIANTS}, got {variant!r}")
         if real_samples < 2:
@@ -45,6 +48,7 @@ class MAPBaseline(L.Callback):
         self.every_n_validations, self.split, self.bounds = every_n_validations, split, tuple(bounds)
         self.generations, self.seed = generations, seed
         self.initial, self.per_round, self.rounds = initial, per_round, rounds
+        self.nested_preferences, self.points_per_pair = nested_preferences, points_per_pair
         self.validations = 0
         self.last: dict[str, Any] | None = None
 
@@ -69,6 +73,11 @@ class MAPBaseline(L.Callback):
             result = plain_map(evaluator, self.budget, bounds=self.bounds, seed=self.seed,
                                generations=self.generations)
             front_c, predicted, r2 = result.front_c, result.front_predicted, result.r2
+        elif self.variant == "nested":  # one model per preference: its "front" is those models, predicted = real
+            prefs = front_preferences(tv.num_tasks, self.seed)[: self.nested_preferences].numpy()
+            front_c = np.stack([nested_map(evaluator, p, self.points_per_pair, bounds=self.bounds, seed=self.seed,
+                                           generations=self.generations).coefficients for p in prefs])
+            predicted, r2 = None, np.full(tv.num_tasks, np.nan)
         else:
             result = bayesian_map(evaluator, self.initial, self.per_round, self.rounds, bounds=self.bounds,
                                   seed=self.seed)
@@ -76,8 +85,13 @@ class MAPBaseline(L.Callback):
                                              seed=self.seed)
             r2 = np.full(tv.num_tasks, np.nan)
         spent = evaluator.count
-        picks = np.unique(np.linspace(0, len(front_c) - 1, min(self.real_samples, len(front_c))).round().astype(int))
-        real = evaluator(front_c[picks])
+        if predicted is None:
+            picks = np.arange(len(front_c))
+            real = predicted = evaluator(front_c)
+        else:
+            picks = np.unique(np.linspace(0, len(front_c) - 1, min(self.real_samples, len(front_c))).round()
+                              .astype(int))
+            real = evaluator(front_c[picks])
         predicted_sample = np.clip(predicted[picks], 0.0, None)
         module_front = self._module_front(pl_module, datamodule)
         metrics = {

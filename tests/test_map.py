@@ -244,3 +244,39 @@ def test_task_vector_subsets_keep_the_chosen_tasks():
         assert sub.tau[name][0].data_ptr() != 0 and (sub.tau[name][0] == tv.tau[name][2]).all()
     with pytest.raises(ValueError, match="unknown tasks"):
         tv.subset(["task9"])
+
+
+@pytest.mark.parametrize("variant, options", [("bayesian", {"initial": 12, "per_round": 3, "rounds": 1}),
+                                              ("nested", {"nested_preferences": 2, "points_per_pair": 8})])
+def test_the_map_callback_runs_every_variant(fast_tiny, tmp_path, variant, options):
+    from callbacks.map_baseline import MAPBaseline
+    from paretomerge import ParetoMerging
+    from tests.conftest import make_trainer
+
+    callback = MAPBaseline(variant=variant, real_samples=3, generations=20, **options)
+    make_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[callback]).fit(ParetoMerging(rank=2),
+                                                                                      datamodule=fast_tiny)
+    metrics = callback.last["metrics"]
+    if variant == "bayesian":
+        assert metrics["map/evaluations"] == (12 + 3) * 3
+    else:  # per preference: 3 one-hot checks + pair rounds 8·2 + 8·3 = 43; two preferences
+        assert metrics["map/evaluations"] == 2 * 43
+        assert len(callback.last["real"]) == 2
+    assert np.isfinite(metrics["map/hv_real"]) and np.isfinite(metrics["map/win_rate_module_vs_map"])
+
+
+def test_bad_map_callback_settings_are_refused():
+    from callbacks.map_baseline import MAPBaseline
+
+    with pytest.raises(ValueError, match="variant must be one of"):
+        MAPBaseline(variant="grid")
+    with pytest.raises(ValueError, match="real_samples must be at least 2"):
+        MAPBaseline(real_samples=1)
+
+
+def test_nested_map_merges_groups_the_preference_ignores():
+    from paretomerge.map.nested import nested_map
+
+    evaluator = synthetic_evaluator(3)
+    result = nested_map(evaluator, [0.0, 0.0, 1.0], points_per_pair=8, generations=20)
+    assert result.coefficients.shape == (3,) and len(result.merges) == 2

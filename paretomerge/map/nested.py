@@ -88,7 +88,8 @@ def _merge_pair(evaluator: MergeEvaluator, gi: _Group, gj: _Group, p: np.ndarray
     scores = evaluator(coefficients, tasks=gi.tasks + gj.tasks)
     surrogates = [QuadraticSurrogate(kind, low, high).fit(pairs, group_metric(scores, g.tasks)) for g in (gi, gj)]
     front_c, front_values = nsga3_front(surrogates, bounds=bounds, generations=generations, seed=seed)
-    pair_pref = [p[[index[t] for t in g.tasks]].sum() for g in (gi, gj)]
+    # Groups the user gives no weight to still need a merge: both at zero weight count equally.
+    pair_pref = [p[[index[t] for t in g.tasks]].sum() + 1e-12 for g in (gi, gj)]
     (ci, cj), row = choose_for_preference(front_c, front_values, pair_pref)
     metric = float(np.dot(pair_pref, front_values[row]) / sum(pair_pref))
     return _Group(gi.tasks + gj.tasks, ci * gi.weights + cj * gj.weights, metric), (float(ci), float(cj))
