@@ -120,3 +120,16 @@ def test_the_adamerging_config_fits_and_summarises_one_model(tmp_path, monkeypat
                       progress=False)
     accuracy = suite.evaluate(model.at())
     assert printed == pytest.approx(100 * sum(accuracy.values()) / 3, abs=0.051)
+
+
+@pytest.mark.slow
+def test_the_map_config_adds_the_map_baseline_to_a_fit(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARETOMERGE_CACHE", str(tmp_path / "cache"))
+    result = run_cli("fit", "--config", str(FAST_CONFIG), "--config", str(ROOT / "configs" / "map.yaml"),
+                     "--trainer.max_steps", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Pareto Merging: test accuracy (%) per task" in result.stdout  # FitSummary is still there
+    line = next(line for line in result.stdout.splitlines() if line.startswith("MAP (plain, "))
+    assert line.startswith("MAP (plain, 150 real evaluations")  # the paper's 50 points for K = 3, on 3 tasks
+    assert "win_rate_module_vs_map" in line
+    assert list(tmp_path.rglob("map_front.csv")) and list(tmp_path.rglob("last.ckpt"))
