@@ -50,6 +50,7 @@ class MAPBaseline(L.Callback):
         self.initial, self.per_round, self.rounds = initial, per_round, rounds
         self.nested_preferences, self.points_per_pair = nested_preferences, points_per_pair
         self.validations = 0
+        self.runs = 0  # how many times MAP has run
         self.last: dict[str, Any] | None = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -68,6 +69,7 @@ class MAPBaseline(L.Callback):
         if tv is None or not tv.has_task_vectors or not hasattr(datamodule, "labeled"):
             rank_zero_warn("MAPBaseline needs the module's task vectors and a datamodule with labeled(split); skipped")
             return
+        self.runs += 1
         evaluator = MergeEvaluator(tv, datamodule.labeled(self.split))
         if self.variant == "plain":
             result = plain_map(evaluator, self.budget, bounds=self.bounds, seed=self.seed,

@@ -155,6 +155,11 @@ def test_nested_map_counts_k_log_k_evaluations(num_tasks, expected):
     assert len(result.merges) == num_tasks - 1
     assert sorted(sum((a + b for a, b, _ in result.merges[-1:]), [])) == sorted(evaluator.tv.task_names)
     assert result.coefficients.shape == (num_tasks,) and (result.coefficients >= 0).all()
+    net = result.model(evaluator.tv)  # the merged model for that preference, scored as the evaluator scores it
+    task = evaluator.tv.task_names[0]
+    images, labels = evaluator.data[task]
+    accuracy = float((net(images, task=task).argmax(-1) == labels).float().mean())
+    assert accuracy == pytest.approx(evaluator(result.coefficients)[0, 0], abs=1e-6)
     with pytest.raises(ValueError, match="cannot fit a 2-task quadratic surrogate with 6 parameters"):
         nested_map(evaluator, [1.0] * num_tasks, points_per_pair=5)
 
@@ -280,3 +285,15 @@ def test_nested_map_merges_groups_the_preference_ignores():
     evaluator = synthetic_evaluator(3)
     result = nested_map(evaluator, [0.0, 0.0, 1.0], points_per_pair=8, generations=20)
     assert result.coefficients.shape == (3,) and len(result.merges) == 2
+
+
+def test_the_map_callback_can_run_every_n_validations(fast_tiny, tmp_path):
+    from callbacks.map_baseline import MAPBaseline
+    from paretomerge import ParetoMerging
+    from tests.conftest import make_trainer
+
+    callback = MAPBaseline(budget=12, real_samples=2, generations=10, every_n_validations=2)
+    trainer = make_trainer(tmp_path, max_steps=4, val_check_interval=1, check_val_every_n_epoch=None,
+                           limit_val_batches=1, callbacks=[callback])
+    trainer.fit(ParetoMerging(rank=2), datamodule=fast_tiny)
+    assert callback.validations == 4 and callback.runs == 2 + 1  # after validations 2 and 4, and at fit end

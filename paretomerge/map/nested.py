@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from paretomerge.kernels import MergedModel, TaskVectors, materialize, merge
 from paretomerge.map.evaluate import MergeEvaluator
 from paretomerge.map.sampling import initial_samples
 from paretomerge.map.search import choose_for_preference, nsga3_front
@@ -27,6 +29,11 @@ class NestedResult:
     coefficients: np.ndarray       # [K]: the merged model is θ0 + Σ_k c_k τ_k
     evaluations: int               # real (model, task) evaluations spent
     merges: list[tuple[list[str], list[str], tuple[float, float]]] = field(default_factory=list)
+
+    def model(self, task_vectors: TaskVectors) -> MergedModel:
+        """The merged model θ0 + Σ_k c_k τ_k (through ``kernels.merge``), as a plain eval-mode module."""
+        c = torch.as_tensor(self.coefficients, dtype=torch.float32, device=task_vectors.device)
+        return materialize(task_vectors, merge(task_vectors.theta0, task_vectors.tau, c))
 
 
 def nested_map(evaluator: MergeEvaluator, preference: Sequence[float], points_per_pair: int = 20,
