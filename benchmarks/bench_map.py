@@ -126,10 +126,12 @@ def table_5(suite: TinySuite, steps: int = 500) -> None:
     import lightning as L
 
     from callbacks.fit_summary import evaluate_front
-    from paretomerge import ParetoMerging, static_model
+    from paretomerge import ParetoMerging
+    from paretomerge.kernels import materialize
     from paretomerge.map.search import choose_for_preference
     from paretomerge.pareto import hypervolume, preference_weighted_sum
     from paretomerge.preferences import dirichlet_set, front_preferences
+    from paretomerge.static import task_wise
 
     tasks = list(suite.tasks)
     L.seed_everything(0, verbose=False)
@@ -148,8 +150,7 @@ def table_5(suite: TinySuite, steps: int = 500) -> None:
 
     def map_model(p):
         c, _ = choose_for_preference(result.front_c, result.front_predicted, p.numpy())
-        # θ0 + Σ c_k τ_k is Task Arithmetic + preference with γ = c / Σc and s = Σc / K.
-        return static_model("task_arithmetic_preference", tv, preference=c, scale=float(c.sum()) / len(tasks))
+        return materialize(tv, task_wise(tv, c))
 
     def accuracy(net):
         values = suite.evaluate(net)

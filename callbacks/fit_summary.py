@@ -27,11 +27,12 @@ def summary_preferences(num_tasks: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([fixed, torch.stack(rest)]) if rest else fixed
 
 
-def evaluate_front(module: Any, datamodule: Any, preferences: torch.Tensor, progress: bool = True) -> torch.Tensor:
-    """``Acc [P, K]``: ``datamodule.evaluate(module.at(p))`` for each preference row, in task order."""
+def evaluate_front(module: Any, datamodule: Any, preferences: torch.Tensor, progress: bool = True,
+                   split: str = "test") -> torch.Tensor:
+    """``Acc [P, K]``: ``datamodule.evaluate(module.at(p), split)`` for each preference row, in task order."""
     rows = []
-    for p in tqdm(preferences, desc="evaluating the front on the test split", disable=not progress, leave=False):
-        accuracy = datamodule.evaluate(module.at(p))
+    for p in tqdm(preferences, desc=f"evaluating the front on the {split} split", disable=not progress, leave=False):
+        accuracy = datamodule.evaluate(module.at(p), split=split)
         rows.append([accuracy[t] for t in module.task_vectors.task_names])
     return torch.tensor(rows, dtype=torch.float64)
 

@@ -18,6 +18,7 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from callbacks.fit_summary import evaluate_front
 from paretomerge.map.bayesian import bayesian_map
 from paretomerge.map.evaluate import MergeEvaluator
 from paretomerge.map.nested import nested_map
@@ -44,6 +45,9 @@ class MAPBaseline(L.Callback):
             raise ValueError(f"MAP variant must be one of {VARIANTS}, got {variant!r}")
         if real_samples < 2:
             raise ValueError(f"real_samples must be at least 2, got {real_samples}")
+        for name, value in (("budget", budget), ("every_n_validations", every_n_validations)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         self.variant, self.budget, self.real_samples = variant, budget, real_samples
         self.every_n_validations, self.split, self.bounds = every_n_validations, split, tuple(bounds)
         self.generations, self.seed = generations, seed
@@ -121,12 +125,8 @@ class MAPBaseline(L.Callback):
     def _module_front(self, pl_module: L.LightningModule, datamodule: Any) -> np.ndarray | None:
         if not getattr(pl_module, "preference_aware", False) or not hasattr(datamodule, "evaluate"):
             return None
-        tasks = pl_module.task_vectors.task_names
-        rows = []
-        for p in front_preferences(len(tasks), self.seed):
-            accuracy = datamodule.evaluate(pl_module.at(p), split=self.split)
-            rows.append([accuracy[t] for t in tasks])
-        return np.array(rows)
+        prefs = front_preferences(pl_module.task_vectors.num_tasks, self.seed)
+        return evaluate_front(pl_module, datamodule, prefs, progress=False, split=self.split).numpy()
 
     @staticmethod
     def _write_csv(path: Path, tasks: list[str], front_c: np.ndarray, predicted: np.ndarray, picks: np.ndarray,

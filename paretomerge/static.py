@@ -46,8 +46,9 @@ def _check_scale(scale: float) -> float:
     return float(scale)
 
 
-def _task_wise(task_vectors: TaskVectors, coefficients: Sequence[float] | Tensor) -> dict[str, Tensor]:
-    """θ0 + Σ_k c_k τ_k through the merge kernel."""
+def task_wise(task_vectors: TaskVectors, coefficients: Sequence[float] | Tensor) -> dict[str, Tensor]:
+    """θ0 + Σ_k c_k τ_k through the merge kernel, for task-wise coefficients ``c [K]`` (what every merge here,
+    and MAP, chooses)."""
     c = torch.as_tensor(coefficients, dtype=torch.float32, device=task_vectors.device)
     return merge(task_vectors.theta0, task_vectors.tau, c)
 
@@ -56,13 +57,13 @@ def _task_wise(task_vectors: TaskVectors, coefficients: Sequence[float] | Tensor
 def weight_averaging(task_vectors: TaskVectors) -> dict[str, Tensor]:
     """θ0 + (1/K) Σ_k τ_k: the average of the fine-tuned models."""
     k = task_vectors.num_tasks
-    return _task_wise(task_vectors, [1.0 / k] * k)
+    return task_wise(task_vectors, [1.0 / k] * k)
 
 
 @register("task_arithmetic")
 def task_arithmetic(task_vectors: TaskVectors, scale: float = TASK_ARITHMETIC_SCALE) -> dict[str, Tensor]:
     """θ0 + s Σ_k τ_k."""
-    return _task_wise(task_vectors, [_check_scale(scale)] * task_vectors.num_tasks)
+    return task_wise(task_vectors, [_check_scale(scale)] * task_vectors.num_tasks)
 
 
 @register("task_arithmetic_preference")
@@ -70,7 +71,7 @@ def task_arithmetic_preference(task_vectors: TaskVectors, preference: Sequence[f
                                scale: float = TASK_ARITHMETIC_SCALE) -> dict[str, Tensor]:
     """θ0 + s·K Σ_k γ_k τ_k, with γ the validated, normalised preference; the equal γ gives Task Arithmetic."""
     gamma = validate_preference(preference, task_vectors.num_tasks)
-    return _task_wise(task_vectors, _check_scale(scale) * task_vectors.num_tasks * gamma)
+    return task_wise(task_vectors, _check_scale(scale) * task_vectors.num_tasks * gamma)
 
 
 @register("ties")

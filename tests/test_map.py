@@ -297,3 +297,19 @@ def test_the_map_callback_can_run_every_n_validations(fast_tiny, tmp_path):
                            limit_val_batches=1, callbacks=[callback])
     trainer.fit(ParetoMerging(rank=2), datamodule=fast_tiny)
     assert callback.validations == 4 and callback.runs == 2 + 1  # after validations 2 and 4, and at fit end
+
+
+def test_bad_bayesian_and_callback_settings_name_the_problem():
+    from callbacks.map_baseline import MAPBaseline
+    from paretomerge.map.bayesian import angular_bins, bayesian_map
+
+    evaluator = synthetic_evaluator(2)
+    with pytest.raises(ValueError, match="temperature must be a positive number"):
+        bayesian_map(evaluator, initial=8, per_round=2, rounds=1, temperature=0.0)
+    with pytest.raises(ValueError, match="per_round must be an int >= 1"):
+        bayesian_map(evaluator, initial=8, per_round=0, rounds=1)
+    with pytest.raises(ValueError, match="bins_per_angle must be a positive int"):
+        angular_bins(np.ones((2, 2)), 0)
+    with pytest.raises(ValueError, match="every_n_validations must be a positive int"):
+        MAPBaseline(every_n_validations=0)
+    assert evaluator.count == 0  # refused before anything was evaluated

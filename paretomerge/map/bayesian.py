@@ -24,6 +24,8 @@ def angular_bins(c: np.ndarray, bins_per_angle: int = 4) -> np.ndarray:
     into ``bins_per_angle`` equal bins (π/2 itself falls in the last one). The paper's printed recursion
     divides by ``sin φ`` once more than the standard coordinates do; these are the standard ones. A zero tail
     gives angle 0."""
+    if isinstance(bins_per_angle, bool) or not isinstance(bins_per_angle, int) or bins_per_angle < 1:
+        raise ValueError(f"bins_per_angle must be a positive int, got {bins_per_angle!r}")
     c = np.clip(np.atleast_2d(np.asarray(c, dtype=np.float64)), 0.0, None)
     n, k = c.shape
     angles = np.zeros((n, k - 1))
@@ -72,6 +74,11 @@ def bayesian_map(evaluator: MergeEvaluator, initial: int, per_round: int, rounds
     """Algorithm 3: ``initial`` points (the one-hots and uniform ones), then ``rounds`` rounds of ``per_round``
     points drawn from bins by their scores. Bins that hold no point yet get the highest score seen."""
     lo, hi = check_bounds(bounds)
+    for name, value, least in (("initial", initial, 1), ("per_round", per_round, 1), ("rounds", rounds, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     num_tasks = evaluator.tv.num_tasks
     start = evaluator.count
     rng = np.random.default_rng(np.random.SeedSequence([seed, num_tasks, 3]))

@@ -8,13 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from paretomerge.kernels import MergedModel, TaskVectors, materialize, merge
+from paretomerge.kernels import MergedModel, TaskVectors, materialize
 from paretomerge.map.evaluate import MergeEvaluator
 from paretomerge.map.sampling import initial_samples
 from paretomerge.map.search import choose_for_preference, nsga3_front
 from paretomerge.map.surrogate import QuadraticSurrogate, num_quadratic_parameters
+from paretomerge.preferences import validate_preference
+from paretomerge.static import task_wise
 
 
 @dataclass
@@ -32,8 +33,7 @@ class NestedResult:
 
     def model(self, task_vectors: TaskVectors) -> MergedModel:
         """The merged model θ0 + Σ_k c_k τ_k (through ``kernels.merge``), as a plain eval-mode module."""
-        c = torch.as_tensor(self.coefficients, dtype=torch.float32, device=task_vectors.device)
-        return materialize(task_vectors, merge(task_vectors.theta0, task_vectors.tau, c))
+        return materialize(task_vectors, task_wise(task_vectors, self.coefficients))
 
 
 def nested_map(evaluator: MergeEvaluator, preference: Sequence[float], points_per_pair: int = 20,
@@ -47,14 +47,10 @@ def nested_map(evaluator: MergeEvaluator, preference: Sequence[float], points_pe
     normalised preference), runs NSGA-III, and keeps the front member that the pair's preference picks.
     """
     names = list(evaluator.tv.task_names)
-    p = np.asarray(preference, dtype=np.float64)
-    if p.shape != (len(names),) or not np.isfinite(p).all() or (p < 0).any() or not p.sum() > 0:
-        raise ValueError(f"preference must be {len(names)} finite non-negative weights with a positive sum, "
-                         f"got {preference!r}")
+    p = validate_preference(preference, len(names)).double().numpy()
     if points_per_pair < num_quadratic_parameters(2):
         raise ValueError(f"points_per_pair={points_per_pair} cannot fit a 2-task quadratic surrogate with "
                          f"{num_quadratic_parameters(2)} parameters")
-    p = p / p.sum()
     start = evaluator.count
     index = {t: k for k, t in enumerate(names)}
     one_hots = np.eye(len(names))

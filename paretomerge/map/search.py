@@ -12,6 +12,7 @@ from pymoo.util.ref_dirs import get_reference_directions
 
 from paretomerge.map.sampling import check_bounds
 from paretomerge.map.surrogate import QuadraticSurrogate
+from paretomerge.preferences import validate_preference
 
 
 class SurrogateProblem(Problem):
@@ -50,9 +51,6 @@ def nsga3_front(surrogates: Sequence[QuadraticSurrogate], bounds: Sequence[float
 def choose_for_preference(front_c: np.ndarray, front_values: np.ndarray,
                           preference: Sequence[float]) -> tuple[np.ndarray, int]:
     """The front member maximising ``p̂ᵀM̃(c)`` with ``p̂ = p/‖p‖``: ``(c [K], its row index)``."""
-    p = np.asarray(preference, dtype=np.float64)
-    if p.shape != (front_values.shape[1],) or not np.isfinite(p).all() or (p < 0).any() or not p.sum() > 0:
-        raise ValueError(f"preference must be {front_values.shape[1]} finite non-negative weights with a positive "
-                         f"sum, got {preference!r}")
+    p = validate_preference(preference, front_values.shape[1]).double().numpy()
     index = int(np.argmax(front_values @ (p / np.linalg.norm(p))))
     return front_c[index], index
