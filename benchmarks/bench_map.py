@@ -125,8 +125,8 @@ def table_4(suite: TinySuite, rounds: int = 4) -> None:
 def table_5(suite: TinySuite, steps: int = 500) -> None:
     import lightning as L
 
-    from callbacks.fit_summary import evaluate_front
     from paretomerge import ParetoMerging
+    from paretomerge.front import evaluate_front
     from paretomerge.kernels import materialize
     from paretomerge.map.search import choose_for_preference
     from paretomerge.pareto import hypervolume, preference_weighted_sum

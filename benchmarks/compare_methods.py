@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `callbacks` lives at the repository root
 
-from callbacks.fit_summary import evaluate_front  # noqa: E402
 from paretomerge import AdaMerging, ParetoMerging, static_model  # noqa: E402
+from paretomerge.front import evaluate_front  # noqa: E402
 from paretomerge.pareto import hypervolume, non_dominated, preference_weighted_sum  # noqa: E402
 from paretomerge.preferences import dirichlet_set, front_preferences  # noqa: E402
 from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite  # noqa: E402

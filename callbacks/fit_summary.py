@@ -7,34 +7,23 @@ It needs a datamodule with ``evaluate(net) -> {task: accuracy}`` (as `TinySuite`
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from tqdm.auto import tqdm
 
+from paretomerge.front import evaluate_front, summary_preferences
 from paretomerge.pareto import hypervolume, non_dominated
-from paretomerge.preferences import equal_and_one_hots, front_preferences
+from paretomerge.plotting import write_front_csv
 
 
-def summary_preferences(num_tasks: int, seed: int = 0) -> torch.Tensor:
-    """The equal preference, the K one-hots, then the rest of the SPEC §4 front set (no duplicates): ``[P, K]``."""
-    fixed = equal_and_one_hots(num_tasks)
-    rest = [p for p in front_preferences(num_tasks, seed) if not any(torch.allclose(p, f) for f in fixed)]
-    return torch.cat([fixed, torch.stack(rest)]) if rest else fixed
-
-
-def evaluate_front(module: Any, datamodule: Any, preferences: torch.Tensor, progress: bool = True,
-                   split: str = "test") -> torch.Tensor:
-    """``Acc [P, K]``: ``datamodule.evaluate(module.at(p), split)`` for each preference row, in task order."""
-    rows = []
-    for p in tqdm(preferences, desc=f"evaluating the front on the {split} split", disable=not progress, leave=False):
-        accuracy = datamodule.evaluate(module.at(p), split=split)
-        rows.append([accuracy[t] for t in module.task_vectors.task_names])
-    return torch.tensor(rows, dtype=torch.float64)
+def run_directory(trainer: L.Trainer) -> Path:
+    """Where the run's files go: the first logger's directory, else the trainer's root. Unlike ``trainer.log_dir``
+    it is no collective, so rank-zero-only code may call it under DDP (the other ranks are not there to answer)."""
+    log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+    return Path(log_dir or trainer.default_root_dir)
 
 
 class FitSummary(L.Callback):
@@ -71,8 +60,8 @@ class FitSummary(L.Callback):
         individual = [report["tasks"][t]["individual_accuracy"] for t in tasks] if report else None
         hv = hypervolume(self.front)
         hv_normalised = hypervolume(self.front, individual) if individual else None
-        log_dir = Path(trainer.log_dir) if trainer.log_dir else Path(trainer.default_root_dir)
-        self._write_csv(log_dir / "front_test.csv", tasks)
+        log_dir = run_directory(trainer)
+        write_front_csv(log_dir / "front_test.csv", self.front.numpy(), self.preferences.numpy(), tasks)
         if trainer.logger is not None:
             metrics = {"test/front/hypervolume": hv, "test/front/mean_accuracy_equal": float(self.front[0].mean())}
             if hv_normalised is not None:
@@ -101,14 +90,6 @@ class FitSummary(L.Callback):
             lines.append(f"Checkpoint: {path}  (load it with {type(pl_module).__name__}.load_from_checkpoint, "
                          "then .at() gives the model)")
         return "\n".join(lines + [""])
-
-    def _write_csv(self, path: Path, tasks: list[str]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow([f"pref_{t}" for t in tasks] + [f"acc_{t}" for t in tasks])
-            for p, a in zip(self.preferences.tolist(), self.front.tolist(), strict=True):
-                writer.writerow([f"{v:.6f}" for v in p] + [f"{v:.6f}" for v in a])
 
     def _table(self, tasks: list[str], report: dict | None, hv: float, hv_normalised: float | None,
                trainer: L.Trainer, log_dir: Path) -> str:

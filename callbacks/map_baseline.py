@@ -18,7 +18,8 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from callbacks.fit_summary import evaluate_front
+from callbacks.fit_summary import run_directory
+from paretomerge.front import evaluate_front
 from paretomerge.map.bayesian import bayesian_map
 from paretomerge.map.evaluate import MergeEvaluator
 from paretomerge.map.nested import nested_map
@@ -115,7 +116,7 @@ class MAPBaseline(L.Callback):
             metrics["map/hv_module"] = hypervolume(module_front)
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir = run_directory(trainer)
         self._write_csv(log_dir / "map_front.csv", list(tv.task_names), front_c, predicted, picks, real)
         self.last = {"metrics": metrics, "front_c": front_c, "predicted": predicted, "real": real, "picks": picks}
         print(f"\nMAP ({self.variant}, {spent} real evaluations + {evaluator.count - spent} to check): "

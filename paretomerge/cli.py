@@ -1,19 +1,28 @@
-"""The `paretomerge` console script: LightningCLI with `fit`, `validate` and `test`.
+"""The `paretomerge` console script: LightningCLI with `fit`, `validate` and `test`, and `front`.
 
     paretomerge fit --config configs/X.yaml
-    paretomerge fit --config configs/X.yaml --trainer.devices 8 --trainer.strategy ddp
+    paretomerge fit --config configs/X.yaml --config configs/ddp.yaml --trainer.devices 8
+    paretomerge front --ckpt path.ckpt [--prefs 0.7,0.3 ...] --out front.png
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from paretomerge.modules import CheckpointError, MergingModule
+from paretomerge.front import evaluate_front, static_point, summary_preferences
+from paretomerge.modules import AdaMerging, CheckpointError, MergingModule, ParetoMerging
 from paretomerge.modules.checkpoint import inspect_checkpoint
+from paretomerge.pareto import hypervolume, non_dominated
+from paretomerge.plotting import Overlay, front_figures, front_table, save_figure, write_front_csv
+from paretomerge.preferences import validate_preference
 
 _SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry"}
 
@@ -36,6 +45,10 @@ class ParetoMergeCLI(LightningCLI):
 
 
 def main(args: Any = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+    if argv and argv[0] == "front":
+        front_command(argv[1:])
+        return
     ParetoMergeCLI(
         MergingModule,
         LightningDataModule,
@@ -44,6 +57,109 @@ def main(args: Any = None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+# ---------------------------------------------------------------------- paretomerge front
+def _import_class(path: str, base: type, what: str) -> type:
+    """The class at ``path`` (``module.Name``), refused unless it subclasses ``base``."""
+    module_name, _, name = str(path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"the checkpoint names {what} class {path!r}, which cannot be imported ({err})") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"the checkpoint's {what} class {path!r} is not a {base.__name__}")
+    return cls
+
+
+def _parse_preferences(texts: list[str], num_tasks: int) -> torch.Tensor:
+    rows = []
+    for text in texts:
+        try:
+            values = [float(v) for v in text.replace(" ", "").split(",")]
+        except ValueError:
+            raise ValueError(f"--prefs {text!r}: write a preference as {num_tasks} comma-separated numbers, "
+                             f"e.g. {','.join(['1'] * num_tasks)}") from None
+        rows.append(validate_preference(values, num_tasks))
+    return torch.stack(rows)
+
+
+def front_command(argv: list[str]) -> None:
+    """``paretomerge front --ckpt X.ckpt [--prefs 0.7,0.3 ...] --out front.png``."""
+    parser = argparse.ArgumentParser(
+        prog="paretomerge front",
+        description="Evaluate a checkpoint's front on the suite recorded in it; write the figure (PNG), a CSV of "
+                    "the points, and print the table.")
+    parser.add_argument("--ckpt", required=True, help="a .ckpt written by paretomerge fit")
+    parser.add_argument("--prefs", nargs="+", metavar="P",
+                        help="preferences, each K comma-separated weights (e.g. 0.7,0.3); default: the equal "
+                             "preference, the one-hots and the SPEC §4 set")
+    parser.add_argument("--out", default="front.png", help="the PNG to write (default front.png); the CSV goes beside "
+                                                           "it, and for K>=4 the parallel-coordinates plot too")
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="labeled split (default test)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the Dirichlet part of the default set (K>=4)")
+    parser.add_argument("--cache-dir", help="where the suite's cache lives, if not where it was when fitting")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="do not evaluate Task Arithmetic (it needs the suite's task vectors, built on first use)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        parser.error(f"--out must name a .png file, got {args.out!r}")
+    try:
+        inspect_checkpoint(args.ckpt)
+        checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=True, mmap=True)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        if "_class_path" in hparams:
+            module_cls = _import_class(hparams["_class_path"], MergingModule, "model")
+        else:  # fitted from Python rather than the CLI: the preference tensor's weights tell which module
+            has_tensor = any(k.startswith("preference_tensor.") for k in checkpoint["state_dict"])
+            module_cls = ParetoMerging if has_tensor else AdaMerging
+        data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+        if not data:
+            raise ValueError(f"{args.ckpt!r} records no datamodule (it was fitted without one), so there is no "
+                             "suite to evaluate on")
+        data_cls = _import_class(data.pop("_class_path", "paretomerge.suites.TinySuite"), LightningDataModule,
+                                 "datamodule")
+        data.pop("_instantiator", None)
+        if args.cache_dir is not None:
+            data["cache_dir"] = args.cache_dir
+        if "progress" in data:
+            data["progress"] = not args.no_progress
+        model = module_cls.load_from_checkpoint(args.ckpt, map_location="cpu")
+        suite = data_cls(**data)
+        if not hasattr(suite, "evaluate"):
+            raise ValueError(f"the checkpoint's datamodule {data_cls.__name__} has no evaluate(net, split)")
+        tasks = list(model.task_vectors.task_names)
+        if list(getattr(suite, "tasks", tasks)) != tasks:
+            raise ValueError(f"the checkpoint's model has tasks {tasks}, its datamodule {list(suite.tasks)}")
+        if args.prefs:
+            if not model.preference_aware:
+                raise ValueError(f"{module_cls.__name__} gives one model whatever the preference; leave out --prefs")
+            preferences = _parse_preferences(args.prefs, len(tasks))
+        elif model.preference_aware:
+            preferences = summary_preferences(len(tasks), args.seed)
+        else:
+            preferences = torch.full((1, len(tasks)), 1.0 / len(tasks))
+    except (CheckpointError, FileNotFoundError, ValueError, TypeError, KeyError) as err:
+        sys.exit(f"paretomerge front: {err}")
+    accuracy = evaluate_front(model, suite, preferences, progress=not args.no_progress, split=args.split).numpy()
+    overlays = [] if args.no_baselines else \
+        [Overlay("Task Arithmetic", static_point("task_arithmetic", suite.task_vectors(), suite, args.split))]
+    prefs = preferences.numpy()
+    title = f"{module_cls.__name__}, {Path(args.ckpt).name} (step {checkpoint.get('global_step')}), {args.split} split"
+    figures = front_figures(accuracy, prefs, tasks, overlays, title=title)
+    written = [save_figure(figures["front"], out)]
+    if "parallel_coordinates" in figures:
+        written.append(save_figure(figures["parallel_coordinates"], out.with_name(out.stem + "_parallel.png")))
+    written.append(write_front_csv(out.with_suffix(".csv"), accuracy, prefs, tasks))
+    print(front_table(accuracy, prefs, tasks))
+    print(f"\nhypervolume {hypervolume(accuracy):.4f}; {len(non_dominated(accuracy))} of {len(prefs)} points "
+          f"non-dominated (*)")
+    for overlay in overlays:
+        print(f"{overlay.label}: " + ", ".join(f"{t} {100 * v:.1f}" for t, v in zip(tasks, overlay.points[0],
+                                                                                   strict=True)))
+    print("wrote " + ", ".join(str(p) for p in written))
 
 
 if __name__ == "__main__":

@@ -92,3 +92,13 @@ def win_rate(accuracy_a: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"fronts must have the same K, got {a.shape[1]} and {b.shape[1]}")
     return float((a[:, None, :] > b[None, :, :]).mean())
+
+
+def front_spread(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> float:
+    """Diversity of a front: the mean over tasks of the range (max − min) of the non-dominated points' accuracies.
+
+    0 when the front is a single point (every preference gives the same trade-off); in accuracy units.
+    """
+    acc = _matrix(accuracy)
+    front = acc[non_dominated(acc)]
+    return float((front.max(0) - front.min(0)).mean())

@@ -236,10 +236,12 @@ class MergingModule(L.LightningModule):
         tv = self._tv()
         for p, row in enumerate(self.accuracy[stage]):
             label = self.preference_label(p)
-            values = [metric.compute() for metric in row]
+            values = [metric.compute() for metric in row]  # torchmetrics gathers every process's counts here
+            # Already equal on every process; sync_dist averages equal values (a no-op) and keeps Lightning from
+            # warning that epoch-level values are unsynced under DDP.
             for task, value in zip(tv.task_names, values, strict=True):
-                self.log(f"{stage}/acc/{label}/{task}", value)
-            self.log(f"{stage}/acc/{label}/mean", torch.stack(values).mean(), prog_bar=(p == 0))
+                self.log(f"{stage}/acc/{label}/{task}", value, sync_dist=True)
+            self.log(f"{stage}/acc/{label}/mean", torch.stack(values).mean(), prog_bar=(p == 0), sync_dist=True)
             for metric in row:
                 metric.reset()
 

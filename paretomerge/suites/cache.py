@@ -8,6 +8,12 @@ The root is the ``cache_dir`` argument, else ``$PARETOMERGE_CACHE``, else ``~/.c
 directory is built under a temporary name and renamed into place only when complete, so a reader sees a
 whole entry or none. An entry whose manifest is missing, unreadable, for another configuration, or whose
 files do not match their hashes is reported and replaced, never half-loaded.
+
+Processes that start at once (the ranks of a DDP job, several jobs on one machine) build an entry once:
+`exclusive` holds an ``fcntl.flock`` on ``<root>/<kind>/.<config-hash>.lock`` while one of them builds, and the
+others wait on it, then read what it wrote. flock works across processes on one machine and on most network file
+systems that support it (NFSv4, Lustre with ``flock``); where it is unavailable the lock is skipped, and the
+atomic rename above still keeps any one entry whole.
 """
 
 from __future__ import annotations
@@ -16,13 +22,20 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
 
 MANIFEST = "manifest.json"
 
@@ -127,3 +140,37 @@ def read_entry(directory: Path, config: Mapping[str, Any]) -> tuple[dict[str, di
         else:
             documents[stem] = json.loads(path.read_text())
     return tensors, documents
+
+
+@contextmanager
+def exclusive(directory: Path, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the build lock of the entry at ``directory`` (blocking); ``on_wait(message)`` is called once if another
+    process holds it, so the waiting process can say why it is idle."""
+    if fcntl is None:
+        yield
+        return
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = directory.parent / f".{directory.name}.lock"
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(f"waiting for another process (pid {_holder(handle)}) to finish building {directory}")
+            start = time.perf_counter()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            if on_wait is not None:
+                on_wait(f"waited {time.perf_counter() - start:.0f} s for {directory}")
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _holder(handle: Any) -> str:
+    handle.seek(0)
+    return handle.read().strip() or "?"

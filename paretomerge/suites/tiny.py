@@ -144,13 +144,22 @@ class TinySuite(LightningDataModule):
     def _load(self) -> tuple[TaskVectors, dict[str, Any]]:
         if self._loaded is None:
             try:
-                tensors, documents = cache.read_entry(self.cache_path, self.config)
-                self._loaded = self._from_cache(tensors, documents)
-            except cache.CacheError as err:
-                if self.cache_path.exists():
-                    rank_zero_warn(f"TinySuite cache is not usable: {err}. Rebuilding it.")
-                self._loaded = self._build()
+                self._loaded = self._read()
+            except cache.CacheError:
+                # One process builds; any other starting at once waits here, then reads what it wrote.
+                with cache.exclusive(self.cache_path, on_wait=lambda message: print(f"TinySuite: {message}",
+                                                                                     flush=True)):
+                    try:
+                        self._loaded = self._read()
+                    except cache.CacheError as err:
+                        if self.cache_path.exists():
+                            rank_zero_warn(f"TinySuite cache is not usable: {err}. Rebuilding it.")
+                        self._loaded = self._build()
         return self._loaded
+
+    def _read(self) -> tuple[TaskVectors, dict[str, Any]]:
+        tensors, documents = cache.read_entry(self.cache_path, self.config)
+        return self._from_cache(tensors, documents)
 
     def _from_cache(self, tensors: dict[str, dict[str, Tensor]], documents: dict[str, Any]) -> tuple[TaskVectors, dict]:
         try:
@@ -229,10 +238,14 @@ class TinySuite(LightningDataModule):
         ‖τ_k‖/‖θ0‖ and the number of classes; their means; the build's wall time in seconds."""
         return self._load()[1]
 
-    def evaluate(self, net: nn.Module, split: str = "test") -> dict[str, float]:
-        """Top-1 accuracy per task of ``net(images, task=name) -> logits`` (e.g. ``model.at(pref)``)."""
+    def evaluate(self, net: nn.Module, split: str = "test", tasks: Sequence[str] | None = None) -> dict[str, float]:
+        """Top-1 accuracy per task of ``net(images, task=name) -> logits`` (e.g. ``model.at(pref)``), for all tasks
+        or the ``tasks`` given."""
+        unknown = [t for t in tasks or () if t not in self.tasks]
+        if unknown:
+            raise KeyError(f"unknown task(s) {unknown}; this suite has {list(self.tasks)}")
         device = next(net.parameters()).device
-        return self._accuracies(lambda x, t: net(x.to(device), task=t), split)
+        return self._accuracies(lambda x, t: net(x.to(device), task=t), split, tasks)
 
     def _accuracies(self, predict: Callable[[Tensor, str], Tensor], split: str = "test",
                     tasks: Sequence[str] | None = None) -> dict[str, float]:
@@ -242,7 +255,8 @@ class TinySuite(LightningDataModule):
         with torch.no_grad():
             for task in tasks or self.tasks:
                 images, labels = data[task]
-                metric = MulticlassAccuracy(num_classes=len(FACTORS[task]), average="micro")
+                # The whole split on this one process: never all-gathered (under DDP, often only rank zero is here).
+                metric = MulticlassAccuracy(num_classes=len(FACTORS[task]), average="micro", sync_on_compute=False)
                 for x, y in zip(images.split(self.hparams.eval_batch_size), labels.split(self.hparams.eval_batch_size),
                                 strict=True):
                     metric.update(predict(x, task).argmax(-1).cpu(), y)

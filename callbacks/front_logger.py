@@ -1,0 +1,199 @@
+"""`ParetoFrontLogger`: the learned front in TensorBoard while it trains.
+
+Every N validations it evaluates the SPEC §4 preference set (plus the equal preference and the one-hots) on the
+datamodule's labeled split, through ``module.at(γ)`` — the module's merge and forward — on the same images for
+every preference, and logs through the Lightning logger:
+
+- scalars ``front/hypervolume``, ``front/hypervolume_normalised`` (accuracies divided by the individual fine-tuned
+  models' on the same split), ``front/spread`` (`paretomerge.pareto.front_spread`), ``front/non_dominated``, and
+  ``front/acc/<equal|onehot_task>/<task>``;
+- figures ``front/figure`` (K=2 scatter labelled by preference, K=3 3-D scatter, K≥4 pairwise projections) and
+  ``front/parallel_coordinates`` (K≥4), with Task Arithmetic, AdaMerging (``adamerging_ckpt``) and MAP's predicted
+  and real fronts (when a `MAPBaseline` callback has run) on the same axes;
+- text ``front/table``: every evaluated point, preference → per-task accuracy;
+- at the end of fit, ``front/final_figure`` (with MAP's end-of-fit front) and the hyperparameters with the final
+  front metrics (``final/...``) for TensorBoard's HParams tab.
+
+Figures and text need a `TensorBoardLogger`; other loggers get the scalars and hyperparameters. Evaluation runs on
+global rank zero (the other ranks go on to the next step and wait in its gradient all-reduce).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+from paretomerge.front import evaluate_front, individual_accuracy, static_point, summary_preferences
+from paretomerge.pareto import front_spread, hypervolume, non_dominated
+from paretomerge.plotting import Overlay, front_figures, front_table
+
+
+class ParetoFrontLogger(L.Callback):
+    """every_n_validations: evaluate after every N-th validation (sanity checks excluded).
+    split: the labeled split to evaluate (``val``; the test split is the adaptation data).
+    adamerging_ckpt: an AdaMerging ``.ckpt`` whose one model is drawn beside the front.
+    baselines: draw Task Arithmetic (and AdaMerging) on the figures.
+    seed: seeds the Dirichlet part of the preference set (K ≥ 4)."""
+
+    def __init__(self, every_n_validations: int = 1, split: str = "val", adamerging_ckpt: str | None = None,
+                 baselines: bool = True, seed: int = 0, progress: bool = True) -> None:
+        if isinstance(every_n_validations, bool) or not isinstance(every_n_validations, int) \
+                or every_n_validations < 1:
+            raise ValueError(f"every_n_validations must be a positive int, got {every_n_validations!r}")
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        self.every_n_validations, self.split, self.adamerging_ckpt = every_n_validations, split, adamerging_ckpt
+        self.baselines, self.seed, self.progress = baselines, seed, progress
+        self.validations = 0
+        self.preferences: torch.Tensor | None = None  # [P, K] evaluated preferences
+        self.front: torch.Tensor | None = None  # Acc [P, K] of the last evaluation
+        self.metrics: dict[str, float] = {}  # scalars of the last evaluation
+        self.evaluated_at: int | None = None  # global step of the last evaluation
+        self._individual: np.ndarray | None = None
+        self._overlays: list[Overlay] | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.validations += 1
+        if self.validations % self.every_n_validations == 0:
+            self._log_front(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log_final(trainer, pl_module)
+
+    # ------------------------------------------------------------------ evaluation
+    def _usable(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        if not hasattr(trainer.datamodule, "evaluate") or getattr(pl_module, "task_vectors", None) is None:
+            rank_zero_warn("ParetoFrontLogger needs a module with task vectors and a datamodule with "
+                           "evaluate(net, split); nothing logged")
+            return False
+        return True
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tasks = list(pl_module.task_vectors.task_names)
+        if getattr(pl_module, "preference_aware", True):
+            self.preferences = summary_preferences(len(tasks), self.seed)
+        else:  # one model (AdaMerging): its single point, filed under the equal preference
+            self.preferences = torch.full((1, len(tasks)), 1.0 / len(tasks))
+        show = self.progress and trainer.progress_bar_callback is not None
+        self.front = evaluate_front(pl_module, trainer.datamodule, self.preferences, show, split=self.split)
+        self.evaluated_at = trainer.global_step
+        acc = self.front.numpy()
+        metrics = {"front/hypervolume": hypervolume(acc), "front/spread": front_spread(acc),
+                   "front/non_dominated": float(len(non_dominated(acc)))}
+        individual = self._individual_accuracy(trainer, pl_module)
+        if individual is not None:
+            metrics["front/hypervolume_normalised"] = hypervolume(acc, individual)
+        for p, preference in enumerate(self.preferences):
+            one_hot = torch.isclose(preference.max(), torch.tensor(1.0))
+            if p == 0 or one_hot:
+                label = "equal" if p == 0 else f"onehot_{tasks[int(preference.argmax())]}"
+                metrics.update({f"front/acc/{label}/{t}": float(acc[p, k]) for k, t in enumerate(tasks)})
+        self.metrics = metrics
+
+    def _individual_accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> np.ndarray | None:
+        """Each fine-tuned model θ0 + τ_k on task k of the evaluated split (computed once)."""
+        if self._individual is None:
+            tv = self._original_task_vectors(trainer, pl_module)
+            if tv is not None:
+                self._individual = individual_accuracy(tv, trainer.datamodule, self.split)
+        return self._individual
+
+    @staticmethod
+    def _original_task_vectors(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        """The datamodule's task vectors (not TIES-preprocessed), else the module's when it has them."""
+        provider = getattr(trainer.datamodule, "task_vectors", None)
+        if provider is not None:
+            return provider().to(pl_module.device)
+        tv = pl_module.task_vectors
+        return tv if tv.has_task_vectors else None
+
+    def _baseline_overlays(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Overlay]:
+        """Task Arithmetic and AdaMerging, evaluated once (they do not change while training)."""
+        if self._overlays is None:
+            self._overlays = []
+            tasks = list(pl_module.task_vectors.task_names)
+            tv = self._original_task_vectors(trainer, pl_module) if self.baselines else None
+            if tv is not None:
+                self._overlays.append(Overlay("Task Arithmetic",
+                                              static_point("task_arithmetic", tv, trainer.datamodule, self.split)))
+            if self.adamerging_ckpt:
+                from paretomerge.modules import AdaMerging
+
+                net = AdaMerging.load_from_checkpoint(self.adamerging_ckpt, map_location=pl_module.device).at()
+                if list(net.task_names) != tasks:
+                    raise ValueError(f"adamerging_ckpt {self.adamerging_ckpt!r} has tasks {list(net.task_names)}, "
+                                     f"this run has {tasks}")
+                accuracy = trainer.datamodule.evaluate(net, split=self.split)
+                self._overlays.append(Overlay("AdaMerging", np.array([[accuracy[t] for t in tasks]])))
+        return list(self._overlays)
+
+    @staticmethod
+    def _map_overlays(trainer: L.Trainer) -> list[Overlay]:
+        from callbacks.map_baseline import MAPBaseline
+
+        overlays = []
+        for callback in trainer.callbacks:
+            if isinstance(callback, MAPBaseline) and callback.last is not None:
+                overlays.append(Overlay("MAP predicted", np.clip(callback.last["predicted"], 0.0, 1.0)))
+                overlays.append(Overlay("MAP real", callback.last["real"]))
+        return overlays
+
+    # ------------------------------------------------------------------ logging
+    @rank_zero_only
+    def _log_front(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._usable(trainer, pl_module):
+            return
+        self._evaluate(trainer, pl_module)
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics(self.metrics, step=step)
+        self._log_figures(trainer, pl_module, "front", step)
+
+    def _log_figures(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, step: int) -> None:
+        writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        if not writers:
+            return
+        tasks = list(pl_module.task_vectors.task_names)
+        acc, prefs = self.front.numpy(), self.preferences.numpy()
+        overlays = self._baseline_overlays(trainer, pl_module) + self._map_overlays(trainer)
+        title = f"{type(pl_module).__name__}, step {step}, {self.split} split"
+        figures = front_figures(acc, prefs, tasks, overlays, title=title)
+        table = front_table(acc, prefs, tasks, markdown=True)
+        for writer in writers:
+            for name, figure in figures.items():
+                tag = f"{prefix}/figure" if name == "front" else f"{prefix}/{name}"
+                writer.add_figure(tag, figure, global_step=step, close=False)
+            writer.add_text(f"{prefix}/table", table, global_step=step)
+            writer.flush()
+
+    @rank_zero_only
+    def _log_final(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._usable(trainer, pl_module):
+            return
+        if self.evaluated_at != trainer.global_step:  # no evaluation at the last step: evaluate now
+            self._evaluate(trainer, pl_module)
+            for logger in trainer.loggers:
+                logger.log_metrics(self.metrics, step=trainer.global_step)
+        self._log_figures(trainer, pl_module, "front/final", trainer.global_step)
+        final = {key.replace("front/", "final/", 1): value for key, value in self.metrics.items()
+                 if not key.startswith("front/acc/")}
+        final["final/mean_accuracy_equal"] = float(self.front[0].mean())
+        # The HParams tab keeps the first hyperparameter summary of a run: with the logger's default_hp_metric
+        # on, Lightning wrote one at fit start whose only metric is hp_metric, so that one carries the result.
+        final["hp_metric"] = final.get("final/hypervolume_normalised", final["final/hypervolume"])
+        params = dict(pl_module.hparams)
+        datamodule_hparams = getattr(trainer.datamodule, "hparams", None)
+        if datamodule_hparams:
+            params.update({f"data/{k}": v for k, v in datamodule_hparams.items()})
+        params["global_step"] = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params, metrics=final) if isinstance(logger, TensorBoardLogger) \
+                else logger.log_metrics(final, step=trainer.global_step)

@@ -1,0 +1,51 @@
+"""Evaluating a learned front: the preference set, per-task accuracy of ``module.at(γ)`` for each preference, and
+the reference points drawn beside it (the individual fine-tuned models, Task Arithmetic).
+
+Shared by the callbacks (`FitSummary`, `ParetoFrontLogger`, `MAPBaseline`), ``paretomerge front`` and the
+benchmarks. A *datamodule* here is anything with ``evaluate(net, split, tasks=None) -> {task: accuracy}``
+(`TinySuite`); models are run through ``at(...)`` and so through the one merge and forward of `kernels`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from paretomerge.kernels import TaskVectors, materialize
+from paretomerge.preferences import equal_and_one_hots, front_preferences
+from paretomerge.static import static_model, task_wise
+
+
+def summary_preferences(num_tasks: int, seed: int = 0) -> torch.Tensor:
+    """The equal preference, the K one-hots, then the rest of the SPEC §4 front set (no duplicates): ``[P, K]``."""
+    fixed = equal_and_one_hots(num_tasks)
+    rest = [p for p in front_preferences(num_tasks, seed) if not any(torch.allclose(p, f) for f in fixed)]
+    return torch.cat([fixed, torch.stack(rest)]) if rest else fixed
+
+
+def evaluate_front(module: Any, datamodule: Any, preferences: torch.Tensor, progress: bool = True,
+                   split: str = "test") -> torch.Tensor:
+    """``Acc [P, K]``: ``datamodule.evaluate(module.at(p), split)`` for each preference row, in task order."""
+    rows = []
+    for p in tqdm(preferences, desc=f"evaluating the front on the {split} split", disable=not progress, leave=False):
+        accuracy = datamodule.evaluate(module.at(p), split=split)
+        rows.append([accuracy[t] for t in module.task_vectors.task_names])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def individual_accuracy(task_vectors: TaskVectors, datamodule: Any, split: str = "test") -> np.ndarray:
+    """``[K]``: each fine-tuned model θ0 + τ_k on its own task k."""
+    values = []
+    for k, task in enumerate(task_vectors.task_names):
+        net = materialize(task_vectors, task_wise(task_vectors, torch.eye(task_vectors.num_tasks)[k]))
+        values.append(datamodule.evaluate(net, split=split, tasks=[task])[task])
+    return np.asarray(values)
+
+
+def static_point(name: str, task_vectors: TaskVectors, datamodule: Any, split: str = "test") -> np.ndarray:
+    """``[1, K]``: the accuracies of the registered static merge ``name`` (e.g. Task Arithmetic)."""
+    accuracy = datamodule.evaluate(static_model(name, task_vectors), split=split)
+    return np.array([[accuracy[t] for t in task_vectors.task_names]])

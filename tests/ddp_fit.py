@@ -1,0 +1,124 @@
+"""A 2-process DDP fit on CPU (gloo) of the fast TinySuite, for tests/test_ddp.py (a script: Lightning's DDP launcher
+re-runs it once per extra rank, which a pytest process cannot be).
+
+    python tests/ddp_fit.py OUT CACHE {pareto,adamerging} [STEPS]
+
+Every rank writes ``OUT/rank<r>.json`` (what it saw and sent) and ``OUT/rank<r>.pt`` (its trainable state); every
+build of the suite appends the building process's pid to ``OUT/builds.txt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from callbacks.fit_summary import FitSummary
+from callbacks.front_logger import ParetoFrontLogger
+from callbacks.map_baseline import MAPBaseline
+from paretomerge import AdaMerging, ParetoMerging
+from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
+
+
+def digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha1(tensor.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+class Recorder(L.Callback):
+    """Per rank: the images of every training batch, γ of every step, and what DDP wraps and sends."""
+
+    def __init__(self, out: Path, traffic: dict) -> None:
+        self.out, self.traffic = out, traffic
+        self.images: dict[str, list[str]] = {}
+        self.batches: list[dict[str, str]] = []
+        self.gammas: list[list[float]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        wrapped = trainer.strategy.model  # the DistributedDataParallel wrapper (unwrapped again before fit ends)
+        wrapped.register_comm_hook(self.traffic, counting_allreduce)
+        self.ddp = {
+            "ddp_class": type(wrapped).__name__,
+            "ddp_parameters": sorted(n.removeprefix("module.") for n, p in wrapped.named_parameters()
+                                     if p.requires_grad),
+            "ddp_buffers": sum(b.numel() for b in wrapped.buffers()),
+        }
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        images = {task: value[0] for task, value in batch.items()}
+        self.batches.append({task: digest(x) for task, x in images.items()})
+        for task, x in images.items():
+            self.images.setdefault(task, []).extend(digest(image) for image in x)
+        self.gammas.append(pl_module.training_preference().tolist())
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        rank = trainer.global_rank
+        trainable = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        torch.save(trainable, self.out / f"rank{rank}.pt")
+        tv = pl_module.task_vectors
+        record = {
+            "rank": rank,
+            "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
+            **self.ddp,
+            "trainable_parameters": sum(p.numel() for p in trainable.values()),
+            "frozen_parameters": sum(v.numel() for v in tv.theta0.values()) + sum(v.numel() for v in tv.tau.values())
+            + sum(p.numel() for p in tv.heads.parameters()),
+            "gradient_bytes": self.traffic["bytes"],
+            "gradient_buckets": self.traffic["buckets"],
+            "batches": self.batches,
+            "images": self.images,
+            "gammas": self.gammas,
+        }
+        (self.out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def counting_allreduce(traffic, bucket):  # no annotations: DDP checks them against real types
+    """DDP's default gradient all-reduce, counting the bytes each bucket puts on the wire."""
+    buffer = bucket.buffer()
+    traffic["bytes"] += buffer.numel() * buffer.element_size()
+    traffic["buckets"] += 1
+    return default_hooks.allreduce_hook(None, bucket)
+
+
+def main() -> None:
+    out, cache_dir, method = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    steps = int(sys.argv[4]) if len(sys.argv) > 4 else 6
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+
+    build = TinySuite._build
+
+    def counted_build(self):
+        with open(out / "builds.txt", "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return build(self)
+
+    TinySuite._build = counted_build
+    suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,
+                      progress=False, cache_dir=cache_dir)
+    model = ParetoMerging(rank=4, seed=0) if method == "pareto" else AdaMerging(seed=0)
+    traffic = {"bytes": 0, "buckets": 0}
+    # The module registers no buffers (θ0, τ and the heads live outside it), so DDP has none to broadcast.
+    strategy = DDPStrategy(process_group_backend="gloo")
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, val_check_interval=steps // 2,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+        logger=TensorBoardLogger(str(out), name="logs", default_hp_metric=False), log_every_n_steps=1,
+        callbacks=[Recorder(out, traffic), ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True),
+                   MAPBaseline(budget=12, real_samples=2, generations=10), ParetoFrontLogger(progress=False),
+                   FitSummary()],
+    )
+    trainer.fit(model, datamodule=suite)
+
+
+if __name__ == "__main__":
+    main()

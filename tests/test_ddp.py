@@ -1,0 +1,160 @@
+"""`trainer.fit` with ``strategy=ddp`` on CPU: 2 processes, gloo, the fast TinySuite (tests/ddp_fit.py).
+
+Checked: the fit completes for Pareto Merging and AdaMerging; λ and the preference tensor end identical on both
+ranks; the ranks saw different images and drew different γ, keyed by (seed, step, rank); DDP wraps and all-reduces
+only the trainable parameters (4 bytes each per step), never θ0, τ or the heads; validation metrics are synced;
+the suite is built once, by one process, while the other waits.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from paretomerge import AdaMerging, ParetoMerging
+from paretomerge.preferences import sample_dirichlet
+from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 6
+pytestmark = pytest.mark.slow
+
+
+def _fit(out: Path, cache: Path, method: str) -> list[dict]:
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_fit.py"), str(out), str(cache), method,
+                             str(STEPS)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("ddp-cache")  # fresh: the first fit builds the suite
+
+
+@pytest.fixture(scope="module")
+def pareto_fit(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("ddp-pareto")
+    return out, _fit(out, cache, "pareto")
+
+
+def _check_common(out: Path, ranks: list[dict], trainable_names: list[str]) -> None:
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    assert all(r["global_step"] == STEPS for r in ranks)
+    # DDP wraps the trainable parameters only, and no buffers: θ0, τ and the heads are not module state
+    for r in ranks:
+        assert r["ddp_class"] == "DistributedDataParallel"
+        assert r["ddp_parameters"] == sorted(trainable_names)
+        assert r["ddp_buffers"] == 0
+        # bytes all-reduced per step: one fp32 gradient per trainable parameter, and nothing frozen
+        per_step = r["gradient_bytes"] / STEPS
+        assert 4 * r["trainable_parameters"] <= per_step <= 1.05 * 4 * r["trainable_parameters"]
+        assert r["frozen_parameters"] > 10 * r["trainable_parameters"]  # so sending θ0 or τ would fail the bound
+    # identical trainable state at the end
+    state0, state1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert sorted(state0) == sorted(trainable_names)
+    for name in state0:
+        assert torch.equal(state0[name], state1[name]), name
+    # different data on each rank: disjoint images within the epoch, a different batch at every step
+    for task in FAST_TASKS:
+        assert len(ranks[0]["images"][task]) == STEPS * 8
+        assert not set(ranks[0]["images"][task]) & set(ranks[1]["images"][task]), task
+    for b0, b1 in zip(ranks[0]["batches"], ranks[1]["batches"], strict=True):
+        assert all(b0[t] != b1[t] for t in FAST_TASKS)
+    # checkpoint and logs: written once, by rank zero
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((out / "logs").rglob("events.out.tfevents*"))) == 1
+
+
+def test_ddp_fit_pareto_merging(pareto_fit, cache):
+    out, ranks = pareto_fit
+    model = ParetoMerging.load_from_checkpoint(out / "checkpoints" / "last.ckpt")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "lambdas" in names and any(n.startswith("preference_tensor.G") for n in names)
+    _check_common(out, ranks, names)
+    # γ per rank from (seed, step, rank): more preferences per step, the same expected objective
+    for rank, record in enumerate(ranks):
+        for step, gamma in enumerate(record["gammas"]):
+            assert gamma == pytest.approx(sample_dirichlet(3, 1.0, 0, step, rank).tolist())
+    assert all(g0 != g1 for g0, g1 in zip(ranks[0]["gammas"], ranks[1]["gammas"], strict=True))
+    # validation metrics are synced across ranks by torchmetrics: the logged accuracy (each rank saw half the
+    # validation images) equals the accuracy of the saved model on the whole validation split
+    suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,
+                      progress=False, cache_dir=str(cache))
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    whole = suite.evaluate(model.at([1, 1, 1]), split="val")
+    for task in FAST_TASKS:
+        logged = events.Scalars(f"val/acc/equal/{task}")[-1].value
+        assert logged == pytest.approx(whole[task], abs=1e-6), task
+    scalars = events.Tags()["scalars"]
+    # the rank-zero callbacks ran, with no collective the other rank would have to join
+    assert {"front/hypervolume", "final/hypervolume", "map/hv_real", "test/front/hypervolume"} <= set(scalars)
+    assert (out / "logs" / "version_0" / "front_test.csv").is_file()
+    # the fresh cache was built exactly once, by one process
+    assert len((out / "builds.txt").read_text().split()) == 1
+
+
+def test_ddp_fit_adamerging(pareto_fit, cache, tmp_path):
+    ranks = _fit(tmp_path, cache, "adamerging")
+    model = AdaMerging.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    _check_common(tmp_path, ranks, ["lambdas"])
+    assert not (tmp_path / "builds.txt").exists()  # the cache built by the first fit was reused
+    assert model.lambdas.shape == (len(model.task_vectors.layer_names), 3)
+
+
+def _build_concurrently(cache_dir: str, out: str, barrier) -> None:
+    torch.set_num_threads(1)
+    build = TinySuite._build
+
+    def counted_build(self):
+        with open(Path(out) / "builds.txt", "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return build(self)
+
+    TinySuite._build = counted_build
+    suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,
+                      progress=False, cache_dir=cache_dir)
+    barrier.wait()  # both processes find the cache empty at the same moment
+    tv = suite.task_vectors()
+    total = sum(float(v.double().sum()) for v in tv.theta0.values()) + sum(float(v.double().sum())
+                                                                          for v in tv.tau.values())
+    (Path(out) / f"weights-{os.getpid()}.txt").write_text(repr(total))
+
+
+def test_processes_starting_at_once_build_the_suite_once(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    processes = [context.Process(target=_build_concurrently, args=(str(tmp_path / "cache"), str(tmp_path), barrier))
+                 for _ in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+        assert process.exitcode == 0
+    assert len((tmp_path / "builds.txt").read_text().split()) == 1
+    weights = [p.read_text() for p in tmp_path.glob("weights-*.txt")]
+    assert len(weights) == 2 and weights[0] == weights[1]  # the waiting process read what the builder wrote
+
+
+def test_ddp_config_through_the_cli(tmp_path):
+    """configs/ddp.yaml on top of a fit config: 2 CPU processes, gloo, every tiny config callback included."""
+    command = [sys.executable, "-m", "paretomerge.cli", "fit", "--config", str(ROOT / "tests/configs/tiny_fast.yaml"),
+               "--config", str(ROOT / "configs/ddp.yaml"), "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+               "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+               "--data.init_args.cache_dir", str(tmp_path / "cache")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "Starting with 2 processes" in result.stdout + result.stderr
+    assert "Pareto Merging: test accuracy (%) per task" in result.stdout  # FitSummary on rank zero
+    checkpoint = tmp_path / "lightning_logs" / "tiny_fast" / "version_0" / "checkpoints" / "last.ckpt"
+    model = ParetoMerging.load_from_checkpoint(checkpoint)
+    assert model.at([1, 0, 0]) is not None

@@ -1,0 +1,262 @@
+"""The front in TensorBoard (ParetoFrontLogger), read back from the event files and from a real TensorBoard server,
+and ``paretomerge front`` on a checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from callbacks.front_logger import ParetoFrontLogger
+from callbacks.map_baseline import MAPBaseline
+from paretomerge import ParetoMerging
+from paretomerge.front import individual_accuracy, summary_preferences
+from paretomerge.pareto import front_spread, hypervolume
+from paretomerge.plotting import Overlay, front_figures, front_table, save_figure
+from paretomerge.preferences import front_preferences
+from tests.conftest import make_trainer
+
+STEPS, EVERY = 10, 5
+
+
+def _not_blank(image: Image.Image) -> None:
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    assert pixels.std() > 10, "the figure is (nearly) one colour"
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, "the figure has too few colours to hold a plot"
+
+
+@pytest.fixture(scope="module")
+def run(fast_tiny, tmp_path_factory):
+    """A 10-step Pareto Merging fit on the fast TinySuite, validating every 5 steps, with the front logger and a
+    small MAP baseline (listed first, so its front is on the final figure)."""
+    root = tmp_path_factory.mktemp("tb")
+    torch.manual_seed(0)
+    model = ParetoMerging(rank=4, seed=0)
+    front_logger = ParetoFrontLogger(every_n_validations=1, progress=False)
+    map_baseline = MAPBaseline(budget=12, real_samples=3, generations=20)
+    trainer = make_trainer(
+        root, STEPS, val_check_interval=EVERY, check_val_every_n_epoch=None, limit_val_batches=None,
+        logger=TensorBoardLogger(str(root), name="run", default_hp_metric=False), log_every_n_steps=1,
+        callbacks=[map_baseline, front_logger, ModelCheckpoint(dirpath=str(root / "checkpoints"), save_last=True)],
+        enable_checkpointing=True,
+    )
+    trainer.fit(model, datamodule=fast_tiny)
+    events = EventAccumulator(str(Path(trainer.logger.log_dir)),
+                              size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    return {"root": root, "model": model, "logger": front_logger, "map": map_baseline, "events": events,
+            "suite": fast_tiny, "log_dir": Path(trainer.logger.log_dir)}
+
+
+def _scalars(events: EventAccumulator, tag: str) -> dict[int, float]:
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def test_scalars_are_the_front_metrics_of_the_evaluated_points(run):
+    events, logger, suite = run["events"], run["logger"], run["suite"]
+    tasks = list(suite.tasks)
+    hv = _scalars(events, "front/hypervolume")
+    assert sorted(hv) == [EVERY, STEPS]
+    # the last evaluation, recomputed here from the points the callback evaluated
+    acc = logger.front.numpy()
+    assert acc.shape == (37, 3)  # K=3: equal, one-hots, and the 36-point Das-Dennis set without duplicates
+    assert torch.equal(logger.preferences, summary_preferences(3))
+    assert hv[STEPS] == pytest.approx(hypervolume(acc), rel=1e-5)
+    assert _scalars(events, "front/spread")[STEPS] == pytest.approx(front_spread(acc), rel=1e-5)
+    individual = individual_accuracy(suite.task_vectors(), suite, "val")
+    assert _scalars(events, "front/hypervolume_normalised")[STEPS] == pytest.approx(hypervolume(acc, individual),
+                                                                                    rel=1e-5)
+    # the evaluated accuracies are the module's own: at(γ) on the validation split, recomputed independently
+    model = run["model"]
+    for row, preference in ((0, [1, 1, 1]), (2, [0, 1, 0])):
+        direct = suite.evaluate(model.at(preference), split="val")
+        assert acc[row].tolist() == pytest.approx([direct[t] for t in tasks])
+    # per-task accuracy at the equal preference and the one-hots: logged, and equal to the module's own
+    # validation metrics (torchmetrics over the val loader, the other evaluation path) on the same split
+    for label in ["equal"] + [f"onehot_{t}" for t in tasks]:
+        for task in tasks:
+            front_value = _scalars(events, f"front/acc/{label}/{task}")[STEPS]
+            module_value = list(_scalars(events, f"val/acc/{label}/{task}").values())[-1]
+            assert front_value == pytest.approx(module_value, abs=1e-6), (label, task)
+    assert _scalars(events, "front/acc/onehot_size/size")[STEPS] == pytest.approx(acc[3, 2])
+
+
+def test_figures_text_and_hparams_are_in_the_event_file(run):
+    events, logger = run["events"], run["logger"]
+    tags = events.Tags()
+    assert {"front/figure", "front/final/figure"} <= set(tags["images"])
+    assert [e.step for e in events.Images("front/figure")] == [EVERY, STEPS]
+    for tag in ("front/figure", "front/final/figure"):
+        record = events.Images(tag)[-1]
+        image = Image.open(io.BytesIO(record.encoded_image_string))
+        assert image.size == (record.width, record.height) and image.size[0] >= 500
+        _not_blank(image)
+    # the table: one row per evaluated point, the first the equal preference with its accuracies
+    text = events.Tensors("front/table/text_summary")[-1].tensor_proto.string_val[0].decode()
+    rows = [line for line in text.splitlines() if line.startswith("| (")]
+    assert len(rows) == 37
+    first = logger.front[0].numpy()
+    assert rows[0].startswith("| (0.33, 0.33, 0.33) | " + " | ".join(f"{100 * v:.1f}" for v in first))
+    # HParams tab: the experiment's metrics are the final front metrics, logged as scalars
+    content = events.PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    metric_tags = {m.name.tag for m in experiment.metric_infos}
+    assert {"final/hypervolume", "final/hypervolume_normalised", "final/spread"} <= metric_tags
+    assert "rank" in {h.name for h in experiment.hparam_infos}
+    assert _scalars(events, "final/hypervolume")[0] == pytest.approx(hypervolume(logger.front.numpy()), rel=1e-5)
+
+
+def test_map_fronts_are_drawn_on_the_final_figure(run):
+    """The final figure differs from the same front drawn without MAP's points: they are on its axes."""
+    logger, map_baseline = run["logger"], run["map"]
+    assert map_baseline.runs == 1 and map_baseline.last is not None
+    tasks = list(run["suite"].tasks)
+    acc, prefs = logger.front.numpy(), logger.preferences.numpy()
+    overlays = logger._overlays  # Task Arithmetic, evaluated once
+    assert [o.label for o in overlays] == ["Task Arithmetic"]
+    with_map = overlays + [Overlay("MAP predicted", np.clip(map_baseline.last["predicted"], 0, 1)),
+                           Overlay("MAP real", map_baseline.last["real"])]
+    title = f"ParetoMerging, step {STEPS}, val split"
+
+    def pixels(figure_overlays):
+        buffer = io.BytesIO()
+        front_figures(acc, prefs, tasks, figure_overlays, title=title)["front"].savefig(buffer, format="png")
+        return np.asarray(Image.open(buffer).convert("RGB"))
+
+    logged = np.asarray(Image.open(io.BytesIO(run["events"].Images("front/final/figure")[-1].encoded_image_string))
+                        .convert("RGB"))
+    assert logged.shape == pixels(with_map).shape
+    assert np.abs(logged.astype(int) - pixels(with_map).astype(int)).mean() < np.abs(
+        logged.astype(int) - pixels(overlays).astype(int)).mean()
+
+
+def test_tensorboard_server_serves_the_front_figure(run):
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run["root"]), "--host", "127.0.0.1",
+         "--port", "0", "--load_fast", "false"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        deadline = time.time() + 120
+        output = []
+        while url is None and time.time() < deadline:
+            line = server.stdout.readline()
+            if not line and server.poll() is not None:
+                break
+            output.append(line)
+            match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+            url = match.group(1) if match else None
+        assert url, "TensorBoard did not start:\n" + "".join(output)
+
+        def get(path):
+            with urllib.request.urlopen(url + path, timeout=30) as response:
+                return response.headers.get("Content-Type", ""), response.read()
+
+        run_name = None
+        while time.time() < deadline:  # the server loads the event files in the background
+            tags = json.loads(get("/data/plugin/images/tags")[1])
+            run_name = next((r for r, t in tags.items() if "front/figure" in t), None)
+            if run_name:
+                break
+            time.sleep(1)
+        assert run_name, f"no run with the tag front/figure in {tags}"
+        query = urllib.parse.urlencode({"run": run_name, "tag": "front/figure"})
+        entries = json.loads(get(f"/data/plugin/images/images?{query}")[1])
+        assert [e["step"] for e in entries] == [EVERY, STEPS]
+        kind, body = get("/data/plugin/images/individualImage?" + entries[-1]["query"])
+        assert kind == "image/png" and body.startswith(b"\x89PNG")
+        _not_blank(Image.open(io.BytesIO(body)))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_front_command_writes_png_csv_and_table(run, tmp_path):
+    checkpoint = run["root"] / "checkpoints" / "last.ckpt"
+    out = tmp_path / "front.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "paretomerge.cli", "front", "--ckpt", str(checkpoint), "--out", str(out),
+         "--prefs", "1,0,0", "0.5,0.5,0", "1,1,1", "--split", "val", "--no-progress",
+         "--cache-dir", str(run["suite"].hparams.cache_dir)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    image = Image.open(out)
+    assert image.size == (700, 650)  # the K=3 figure, 7 × 6.5 inches at 100 dpi
+    _not_blank(image)
+    rows = out.with_suffix(".csv").read_text().splitlines()
+    assert rows[0].split(",") == ["pref_colour", "pref_stripes", "pref_size", "acc_colour", "acc_stripes",
+                                  "acc_size", "non_dominated"]
+    model, suite = run["model"], run["suite"]
+    for row, preference in zip(rows[1:], ([1, 0, 0], [0.5, 0.5, 0], [1, 1, 1]), strict=True):
+        expected = suite.evaluate(model.at(preference), split="val")
+        assert [float(v) for v in row.split(",")[3:6]] == pytest.approx([expected[t] for t in suite.tasks], abs=1e-6)
+    assert "(0.50, 0.50, 0.00)" in result.stdout and "Task Arithmetic:" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prefs", "1,0"], "3 entries"),
+    (["--prefs", "1,x,0"], "comma-separated"),
+    (["--prefs", "0,-1,1"], "non-negative"),
+])
+def test_front_command_refuses_bad_preferences(run, tmp_path, argv, message):
+    checkpoint = run["root"] / "checkpoints" / "last.ckpt"
+    result = subprocess.run(
+        [sys.executable, "-m", "paretomerge.cli", "front", "--ckpt", str(checkpoint), "--out",
+         str(tmp_path / "f.png"), "--cache-dir", str(run["suite"].hparams.cache_dir), *argv],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and message in result.stderr and not (tmp_path / "f.png").exists()
+
+
+def test_front_command_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    result = subprocess.run([sys.executable, "-m", "paretomerge.cli", "front", "--ckpt", str(bad), "--out",
+                             str(tmp_path / "f.png")], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "not a readable checkpoint" in result.stderr
+
+
+@pytest.mark.parametrize("num_tasks, names", [(2, ["front"]), (5, ["front", "parallel_coordinates"])])
+def test_figures_for_two_and_many_tasks(tmp_path, num_tasks, names):
+    prefs = front_preferences(num_tasks).numpy()
+    acc = 0.5 + 0.4 * prefs
+    tasks = [f"task{k}" for k in range(num_tasks)]
+    figures = front_figures(acc, prefs, tasks, [Overlay("Task Arithmetic", acc.mean(0, keepdims=True))])
+    assert sorted(figures) == sorted(names)
+    for name, figure in figures.items():
+        _not_blank(Image.open(save_figure(figure, tmp_path / f"{name}.png")))
+    if num_tasks == 2:  # every point labelled by its preference
+        labels = {t.get_text() for t in figures["front"].axes[0].texts}
+        assert labels == {f"({p[0]:.2f}, {p[1]:.2f})" for p in prefs}
+    else:  # a K×K grid of pairwise projections
+        assert sum(ax.get_visible() and ax.axison for ax in figures["front"].axes) >= num_tasks * (num_tasks - 1) // 2
+    table = front_table(acc, prefs, tasks)
+    assert len(table.splitlines()) == 2 + len(prefs)
+
+
+def test_front_figures_refuse_mismatched_shapes():
+    with pytest.raises(ValueError, match="must both be"):
+        front_figures(np.zeros((3, 2)), np.zeros((4, 2)), ["a", "b"])
+    with pytest.raises(ValueError, match="overlay 'x'"):
+        front_figures(np.zeros((3, 2)), np.zeros((3, 2)), ["a", "b"], [Overlay("x", np.zeros((1, 3)))])
+
+
+def test_front_logger_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="every_n_validations"):
+        ParetoFrontLogger(every_n_validations=0)
+    with pytest.raises(ValueError, match="split"):
+        ParetoFrontLogger(split="train")
