@@ -68,6 +68,12 @@ class ParetoFrontLogger(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_final(trainer, pl_module)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations}  # so a resumed run keeps the every-N rhythm
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations = int(state_dict.get("validations", 0))
+
     # ------------------------------------------------------------------ evaluation
     def _usable(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         if not hasattr(trainer.datamodule, "evaluate") or getattr(pl_module, "task_vectors", None) is None:

@@ -55,6 +55,9 @@ def main(args: Any = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "Preference-aware model merging. Subcommands: fit, validate, test "
+                                      "(LightningCLI), and front: paretomerge front --ckpt X.ckpt --out front.png "
+                                      "(see paretomerge front -h)."},
         args=args,
     )
 

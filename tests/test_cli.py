@@ -120,6 +120,23 @@ def test_the_adamerging_config_fits_and_summarises_one_model(tmp_path, monkeypat
                       progress=False)
     accuracy = suite.evaluate(model.at())
     assert printed == pytest.approx(100 * sum(accuracy.values()) / 3, abs=0.051)
+    # the front logger draws AdaMerging's one point beside Task Arithmetic: a one-point front at the end
+    events = _events(tmp_path)
+    assert "front/figure" in events.Tags()["images"]
+    assert events.Scalars("final/non_dominated")[-1].value == 1
+    assert events.Scalars("front/acc/equal/colour")[-1].value == pytest.approx(accuracy_val(model, suite, "colour"))
+
+
+def _events(root: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(root.rglob("events.out.tfevents*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    return events
+
+
+def accuracy_val(model, suite, task: str) -> float:
+    return suite.evaluate(model.at(), split="val", tasks=[task])[task]
 
 
 @pytest.mark.slow
@@ -133,3 +150,4 @@ def test_the_map_config_adds_the_map_baseline_to_a_fit(tmp_path, monkeypatch):
     assert line.startswith("MAP (plain, 150 real evaluations")  # the paper's 50 points for K = 3, on 3 tasks
     assert "win_rate_module_vs_map" in line
     assert list(tmp_path.rglob("map_front.csv")) and list(tmp_path.rglob("last.ckpt"))
+    assert "front/final/figure" in _events(tmp_path).Tags()["images"]  # with MAP's fronts on its axes

@@ -260,3 +260,11 @@ def test_front_logger_refuses_bad_arguments():
         ParetoFrontLogger(every_n_validations=0)
     with pytest.raises(ValueError, match="split"):
         ParetoFrontLogger(split="train")
+
+
+def test_front_logger_keeps_its_every_n_rhythm_across_a_resume():
+    before = ParetoFrontLogger(every_n_validations=3)
+    before.validations = 4
+    after = ParetoFrontLogger(every_n_validations=3)
+    after.load_state_dict(before.state_dict())
+    assert after.validations == 4
