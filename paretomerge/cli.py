@@ -64,8 +64,12 @@ def main(args: Any = None) -> None:
 
 # ---------------------------------------------------------------------- paretomerge front
 def _import_class(path: str, base: type, what: str) -> type:
-    """The class at ``path`` (``module.Name``), refused unless it subclasses ``base``."""
+    """The class at ``path`` (``module.Name``), refused unless it subclasses ``base``. Only paretomerge's own modules
+    and modules already imported are imported: a checkpoint does not get to run a package's import-time code."""
     module_name, _, name = str(path).rpartition(".")
+    if not (module_name in sys.modules or module_name.split(".")[0] in ("paretomerge", "callbacks")):
+        raise ValueError(f"the checkpoint names {what} class {path!r} from {module_name!r}, which is not imported; "
+                         "paretomerge front rebuilds only paretomerge's own suites (use the Python API for others)")
     try:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as err:

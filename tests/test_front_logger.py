@@ -268,3 +268,17 @@ def test_front_logger_keeps_its_every_n_rhythm_across_a_resume():
     after = ParetoFrontLogger(every_n_validations=3)
     after.load_state_dict(before.state_dict())
     assert after.validations == 4
+
+
+@pytest.mark.parametrize("class_path, message", [
+    ("some_module_never_imported.Suite", "which is not imported"),
+    ("json.JSONDecoder", "is not a MergingModule"),
+])
+def test_front_command_imports_only_known_classes_named_by_a_checkpoint(run, tmp_path, class_path, message):
+    checkpoint = torch.load(run["root"] / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["_class_path"] = class_path
+    edited = tmp_path / "edited.ckpt"
+    torch.save(checkpoint, edited)
+    result = subprocess.run([sys.executable, "-m", "paretomerge.cli", "front", "--ckpt", str(edited), "--out",
+                             str(tmp_path / "f.png")], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr and not (tmp_path / "f.png").exists()
