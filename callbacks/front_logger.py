@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from paretomerge.front import evaluate_front, individual_accuracy, static_point, summary_preferences
+from paretomerge.front import evaluate_front, individual_accuracy, module_preferences, static_point
 from paretomerge.pareto import front_spread, hypervolume, non_dominated
 from paretomerge.plotting import Overlay, front_figures, front_table
 
@@ -47,6 +47,12 @@ class ParetoFrontLogger(L.Callback):
             raise ValueError(f"every_n_validations must be a positive int, got {every_n_validations!r}")
         if split not in ("val", "test"):
             raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if adamerging_ckpt is not None:  # refused now, not at the first validation many steps later
+            from paretomerge.modules.checkpoint import inspect_checkpoint
+
+            inspect_checkpoint(adamerging_ckpt)
         self.every_n_validations, self.split, self.adamerging_ckpt = every_n_validations, split, adamerging_ckpt
         self.baselines, self.seed, self.progress = baselines, seed, progress
         self.validations = 0
@@ -84,10 +90,7 @@ class ParetoFrontLogger(L.Callback):
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tasks = list(pl_module.task_vectors.task_names)
-        if getattr(pl_module, "preference_aware", True):
-            self.preferences = summary_preferences(len(tasks), self.seed)
-        else:  # one model (AdaMerging): its single point, filed under the equal preference
-            self.preferences = torch.full((1, len(tasks)), 1.0 / len(tasks))
+        self.preferences = module_preferences(pl_module, self.seed)  # one point, the equal one, for AdaMerging
         show = self.progress and trainer.progress_bar_callback is not None
         self.front = evaluate_front(pl_module, trainer.datamodule, self.preferences, show, split=self.split)
         self.evaluated_at = trainer.global_step

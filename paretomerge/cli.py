@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from paretomerge.front import evaluate_front, static_point, summary_preferences
+from paretomerge.front import evaluate_front, module_preferences, static_point
 from paretomerge.modules import AdaMerging, CheckpointError, MergingModule, ParetoMerging
 from paretomerge.modules.checkpoint import inspect_checkpoint
 from paretomerge.pareto import hypervolume, non_dominated
@@ -113,6 +113,8 @@ def front_command(argv: list[str]) -> None:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         parser.error(f"--out must name a .png file, got {args.out!r}")
+    if args.seed < 0:
+        parser.error(f"--seed must be non-negative, got {args.seed}")
     try:
         inspect_checkpoint(args.ckpt)
         checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=True, mmap=True)
@@ -144,10 +146,8 @@ def front_command(argv: list[str]) -> None:
             if not model.preference_aware:
                 raise ValueError(f"{module_cls.__name__} gives one model whatever the preference; leave out --prefs")
             preferences = _parse_preferences(args.prefs, len(tasks))
-        elif model.preference_aware:
-            preferences = summary_preferences(len(tasks), args.seed)
         else:
-            preferences = torch.full((1, len(tasks)), 1.0 / len(tasks))
+            preferences = module_preferences(model, args.seed)
     except (CheckpointError, FileNotFoundError, ValueError, TypeError, KeyError) as err:
         sys.exit(f"paretomerge front: {err}")
     accuracy = evaluate_front(model, suite, preferences, progress=not args.no_progress, split=args.split).numpy()

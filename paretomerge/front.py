@@ -26,6 +26,15 @@ def summary_preferences(num_tasks: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([fixed, torch.stack(rest)]) if rest else fixed
 
 
+def module_preferences(module: Any, seed: int = 0) -> torch.Tensor:
+    """The preferences to evaluate a module's front at: `summary_preferences` for a preference-aware module, and the
+    equal preference alone for a one-model module (AdaMerging), whose every preference gives the same model."""
+    num_tasks = module.task_vectors.num_tasks
+    if getattr(module, "preference_aware", True):
+        return summary_preferences(num_tasks, seed)
+    return torch.full((1, num_tasks), 1.0 / num_tasks)
+
+
 def evaluate_front(module: Any, datamodule: Any, preferences: torch.Tensor, progress: bool = True,
                    split: str = "test") -> torch.Tensor:
     """``Acc [P, K]``: ``datamodule.evaluate(module.at(p), split)`` for each preference row, in task order."""

@@ -260,6 +260,17 @@ def test_front_logger_refuses_bad_arguments():
         ParetoFrontLogger(every_n_validations=0)
     with pytest.raises(ValueError, match="split"):
         ParetoFrontLogger(split="train")
+    with pytest.raises(ValueError, match="seed"):
+        ParetoFrontLogger(seed=-1)
+
+
+def test_front_logger_checks_the_adamerging_checkpoint_when_built(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ParetoFrontLogger(adamerging_ckpt=str(tmp_path / "missing.ckpt"))
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        ParetoFrontLogger(adamerging_ckpt=str(bad))
 
 
 def test_front_logger_keeps_its_every_n_rhythm_across_a_resume():
