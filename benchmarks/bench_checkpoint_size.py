@@ -1,6 +1,7 @@
 """Size of a ParetoMerging `.ckpt` against the bytes of θ0 plus heads, for several K, on a random-weight
 open_clip ViT-B/32 visual tower (no download). The `.ckpt` never holds the stacked task vectors, so the ratio
-should stay near 1 whatever K is; the τ column shows what storing them would have cost.
+should stay near 1 whatever K is; the τ column shows what storing them would have cost. The compact export
+(`paretomerge export`: base, preference tensor, heads, config; no optimizer state) is compared with one backbone.
 
 Run:  .venv/bin/python benchmarks/bench_checkpoint_size.py            (K = 2 and 8, about 2 minutes)
       .venv/bin/python benchmarks/bench_checkpoint_size.py --tasks 2  (one K)
@@ -18,12 +19,12 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from paretomerge import ModuleSpec, ParetoMerging, TaskVectors
+from paretomerge import ModuleSpec, ParetoMerging, TaskVectors, export_pareto_set
 
 MIB = 2**20
 
 
-def measure(num_tasks: int, rank: int, model_name: str) -> tuple[float, float, float]:
+def measure(num_tasks: int, rank: int, model_name: str) -> tuple[float, float, float, float, float]:
     torch.manual_seed(0)
     spec = ModuleSpec("open_clip:create_model", {"model_name": model_name, "pretrained": None}, attr="visual")
     pretrained = spec.build()
@@ -45,9 +46,10 @@ def measure(num_tasks: int, rank: int, model_name: str) -> tuple[float, float, f
         path = Path(tmp) / "model.ckpt"
         trainer.save_checkpoint(path)
         ckpt_bytes = path.stat().st_size
-    base = sum(t.numel() * t.element_size() for t in tv.backbone.state_dict().values())
-    base += sum(t.numel() * t.element_size() for t in tv.heads.state_dict().values())
-    return ckpt_bytes / MIB, base / MIB, tv.nbytes() / MIB
+        export_bytes = export_pareto_set(model, Path(tmp) / "pareto_set.safetensors").stat().st_size
+    backbone = sum(t.numel() * t.element_size() for t in tv.backbone.state_dict().values())
+    base = backbone + sum(t.numel() * t.element_size() for t in tv.heads.state_dict().values())
+    return ckpt_bytes / MIB, base / MIB, tv.nbytes() / MIB, export_bytes / MIB, backbone / MIB
 
 
 def main() -> None:
@@ -57,10 +59,12 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     args = parser.parse_args()
     print(f"open_clip {args.model} visual tower (random weights), rank {args.rank}, after one training step\n")
-    print("| K | .ckpt MiB | θ0 + heads MiB | ratio | τ MiB (not stored) |\n|---:|---:|---:|---:|---:|")
+    print("| K | .ckpt MiB | θ0 + heads MiB | ratio | τ MiB (not stored) | export MiB | one backbone MiB "
+          "| export / backbone |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k in args.tasks:
-        ckpt, base, tau = measure(k, args.rank, args.model)
-        print(f"| {k} | {ckpt:.1f} | {base:.1f} | {ckpt / base:.3f} | {tau:.0f} |")
+        ckpt, base, tau, export, backbone = measure(k, args.rank, args.model)
+        print(f"| {k} | {ckpt:.1f} | {base:.1f} | {ckpt / base:.3f} | {tau:.0f} | {export:.1f} | {backbone:.1f} "
+              f"| {export / backbone:.3f} |")
 
 
 if __name__ == "__main__":

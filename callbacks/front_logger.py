@@ -61,6 +61,7 @@ class ParetoFrontLogger(L.Callback):
         self.metrics: dict[str, float] = {}  # scalars of the last evaluation
         self.evaluated_at: int | None = None  # global step of the last evaluation
         self._individual: np.ndarray | None = None
+        self._warned_zero = False
         self._overlays: list[Overlay] | None = None
 
     # ------------------------------------------------------------------ hooks
@@ -98,8 +99,12 @@ class ParetoFrontLogger(L.Callback):
         metrics = {"front/hypervolume": hypervolume(acc), "front/spread": front_spread(acc),
                    "front/non_dominated": float(len(non_dominated(acc)))}
         individual = self._individual_accuracy(trainer, pl_module)
-        if individual is not None:
+        if individual is not None and (individual > 0).all():
             metrics["front/hypervolume_normalised"] = hypervolume(acc, individual)
+        elif individual is not None and not self._warned_zero:
+            self._warned_zero = True  # a fine-tuned model at 0% (random weights, a broken checkpoint): no scale
+            rank_zero_warn(f"ParetoFrontLogger: a fine-tuned model scores 0 on its own task ({individual.tolist()}); "
+                           "front/hypervolume_normalised is not logged")
         for p, preference in enumerate(self.preferences):
             one_hot = torch.isclose(preference.max(), torch.tensor(1.0))
             if p == 0 or one_hot:

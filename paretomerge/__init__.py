@@ -7,7 +7,10 @@ from paretomerge.modules import (
     MergedModel,
     MergingModule,
     ParetoMerging,
+    ParetoSet,
     UnseenTaskSelection,
+    export_pareto_set,
+    load_pareto_set,
     select_for_unseen_task,
 )
 from paretomerge.preferences import validate_preference
@@ -23,9 +26,12 @@ __all__ = [
     "MergingModule",
     "ModuleSpec",
     "ParetoMerging",
+    "ParetoSet",
     "PreferenceTensor",
     "TaskVectors",
     "UnseenTaskSelection",
+    "export_pareto_set",
+    "load_pareto_set",
     "merge",
     "select_for_unseen_task",
     "static_merge",

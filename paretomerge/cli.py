@@ -3,6 +3,7 @@
     paretomerge fit --config configs/X.yaml
     paretomerge fit --config configs/X.yaml --config configs/ddp.yaml --trainer.devices 8
     paretomerge front --ckpt path.ckpt [--prefs 0.7,0.3 ...] --out front.png
+    paretomerge export --ckpt path.ckpt --out pareto_set.safetensors
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from paretomerge.front import evaluate_front, module_preferences, static_point
 from paretomerge.modules import AdaMerging, CheckpointError, MergingModule, ParetoMerging
 from paretomerge.modules.checkpoint import inspect_checkpoint
+from paretomerge.modules.export import export_pareto_set
 from paretomerge.pareto import hypervolume, non_dominated
 from paretomerge.plotting import Overlay, front_figures, front_table, save_figure, write_front_csv
 from paretomerge.preferences import validate_preference
@@ -46,8 +48,8 @@ class ParetoMergeCLI(LightningCLI):
 
 def main(args: Any = None) -> None:
     argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
-    if argv and argv[0] == "front":
-        front_command(argv[1:])
+    if argv and argv[0] in _SUBCOMMANDS:
+        _SUBCOMMANDS[argv[0]](argv[1:])
         return
     ParetoMergeCLI(
         MergingModule,
@@ -56,8 +58,9 @@ def main(args: Any = None) -> None:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": "Preference-aware model merging. Subcommands: fit, validate, test "
-                                      "(LightningCLI), and front: paretomerge front --ckpt X.ckpt --out front.png "
-                                      "(see paretomerge front -h)."},
+                                      "(LightningCLI); front: paretomerge front --ckpt X.ckpt --out front.png "
+                                      "(see paretomerge front -h); export: paretomerge export --ckpt X.ckpt --out "
+                                      "pareto_set.safetensors (see paretomerge export -h)."},
         args=args,
     )
 
@@ -77,6 +80,20 @@ def _import_class(path: str, base: type, what: str) -> type:
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ValueError(f"the checkpoint's {what} class {path!r} is not a {base.__name__}")
     return cls
+
+
+def _load_module(path: str) -> tuple[MergingModule, dict[str, Any]]:
+    """The module a `.ckpt` was written by, loaded from it (class from its hyperparameters), and the raw checkpoint
+    (tensors memory-mapped)."""
+    inspect_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if "_class_path" in hparams:
+        module_cls = _import_class(hparams["_class_path"], MergingModule, "model")
+    else:  # fitted from Python rather than the CLI: the preference tensor's weights tell which module
+        has_tensor = any(k.startswith("preference_tensor.") for k in checkpoint["state_dict"])
+        module_cls = ParetoMerging if has_tensor else AdaMerging
+    return module_cls.load_from_checkpoint(path, map_location="cpu"), checkpoint
 
 
 def _parse_preferences(texts: list[str], num_tasks: int) -> torch.Tensor:
@@ -116,14 +133,8 @@ def front_command(argv: list[str]) -> None:
     if args.seed < 0:
         parser.error(f"--seed must be non-negative, got {args.seed}")
     try:
-        inspect_checkpoint(args.ckpt)
-        checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=True, mmap=True)
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
-        if "_class_path" in hparams:
-            module_cls = _import_class(hparams["_class_path"], MergingModule, "model")
-        else:  # fitted from Python rather than the CLI: the preference tensor's weights tell which module
-            has_tensor = any(k.startswith("preference_tensor.") for k in checkpoint["state_dict"])
-            module_cls = ParetoMerging if has_tensor else AdaMerging
+        model, checkpoint = _load_module(args.ckpt)
+        module_cls = type(model)
         data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
         if not data:
             raise ValueError(f"{args.ckpt!r} records no datamodule (it was fitted without one), so there is no "
@@ -135,7 +146,6 @@ def front_command(argv: list[str]) -> None:
             data["cache_dir"] = args.cache_dir
         if "progress" in data:
             data["progress"] = not args.no_progress
-        model = module_cls.load_from_checkpoint(args.ckpt, map_location="cpu")
         suite = data_cls(**data)
         if not hasattr(suite, "evaluate"):
             raise ValueError(f"the checkpoint's datamodule {data_cls.__name__} has no evaluate(net, split)")
@@ -167,6 +177,34 @@ def front_command(argv: list[str]) -> None:
         print(f"{overlay.label}: " + ", ".join(f"{t} {100 * v:.1f}" for t, v in zip(tasks, overlay.points[0],
                                                                                    strict=True)))
     print("wrote " + ", ".join(str(p) for p in written))
+
+
+# ---------------------------------------------------------------------- paretomerge export
+def export_command(argv: list[str]) -> None:
+    """``paretomerge export --ckpt X.ckpt --out pareto_set.safetensors``."""
+    parser = argparse.ArgumentParser(
+        prog="paretomerge export",
+        description="Write a checkpoint's Pareto set as one safetensors file: the preference-independent base, the "
+                    "preference tensor, the heads and the config. Load it with paretomerge.load_pareto_set(path), "
+                    "then .at(preference); no Lightning needed.")
+    parser.add_argument("--ckpt", required=True, help="a .ckpt written by paretomerge fit")
+    parser.add_argument("--out", default="pareto_set.safetensors", help="the file to write (.safetensors)")
+    args = parser.parse_args(argv)
+    if Path(args.out).suffix != ".safetensors":
+        parser.error(f"--out must name a .safetensors file, got {args.out!r}")
+    try:
+        model, _ = _load_module(args.ckpt)
+    except (CheckpointError, FileNotFoundError, ValueError, TypeError, KeyError) as err:
+        sys.exit(f"paretomerge export: {err}")
+    path = export_pareto_set(model, args.out)
+    tv = model.task_vectors
+    backbone = sum(t.numel() * t.element_size() for t in tv.backbone.state_dict().values())
+    size = path.stat().st_size
+    print(f"wrote {path}: {size / 2**20:.1f} MiB, {size / backbone:.3f}x one backbone ({backbone / 2**20:.1f} MiB); "
+          f"{len(tv.task_names)} tasks")
+
+
+_SUBCOMMANDS = {"front": front_command, "export": export_command}
 
 
 if __name__ == "__main__":

@@ -41,6 +41,18 @@ def validate_preference(preference: Sequence[float] | np.ndarray | Tensor, num_t
     return torch.as_tensor(array / total, dtype=torch.float32)
 
 
+def preference_for(preference: Sequence[float] | np.ndarray | Tensor | None, task_names: Sequence[str],
+                   preference_aware: bool, owner: str) -> Tensor | None:
+    """The γ for ``owner.at(preference)``: validated and normalised, or None for a model that does not depend on it.
+    A preference-aware owner refuses None, naming its tasks."""
+    if preference is None:
+        if preference_aware:
+            raise ValueError(f"{owner}.at needs a preference: {len(task_names)} non-negative weights, one per task "
+                             f"({', '.join(task_names)})")
+        return None
+    return validate_preference(preference, len(task_names))
+
+
 def sample_dirichlet(num_tasks: int, alpha: float, seed: int, step: int, rank: int = 0) -> Tensor:
     """γ ~ Dir(α·1), a pure function of ``(seed, step, rank)`` so a resumed run repeats its draws."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, step, rank]))

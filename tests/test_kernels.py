@@ -246,3 +246,13 @@ def test_module_spec_from_a_checkpoint_cannot_import_or_load(tmp_path):
     for spec in refused:
         with pytest.raises(ValueError, match="refused|not allowed|must be None|unknown open_clip model"):
             spec.build()
+
+
+def test_moving_task_vectors_that_share_their_backbone_moves_their_own_tau_too():
+    # `ties()` shares θ0 and the heads, so moving the preprocessed copy first must not make `to` skip the original's τ
+    tv = make_task_vectors(num_tasks=3)
+    preprocessed = tv.ties(0.2)
+    preprocessed.to("meta")
+    assert tv.device == torch.device("meta")  # the shared backbone moved with it
+    tv.to("meta")
+    assert all(t.device == torch.device("meta") for t in tv.tau.values())

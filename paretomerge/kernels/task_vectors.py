@@ -70,18 +70,23 @@ class TaskVectors:
     def from_state_dicts(
         cls,
         pretrained: nn.Module,
-        finetuned: Sequence[Mapping[str, Tensor]],
+        finetuned: Sequence[Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]]],
         task_names: Sequence[str],
         heads: Mapping[str, nn.Module],
         *,
         dtype: torch.dtype | None = None,
         backbone_spec: ModuleSpec | None = None,
+        copy_backbone: bool = True,
     ) -> TaskVectors:
         """τ_k = θ_k − θ0 for every floating-point parameter, stacked to ``[K, *shape]``.
 
+        ``finetuned`` holds one state dict per task, or a function returning it: functions are called one at a
+        time and their result dropped once its row of every stack is written, so a large model needs memory for
+        θ0, the K stacks and one fine-tuned state dict, never all K at once.
         ``dtype`` stores τ in another dtype (``torch.bfloat16`` halves memory); merging computes in θ0's
         dtype. ``backbone_spec`` tells a fresh process how to rebuild the backbone; it may be left out when
-        ``pretrained`` was built by ``ModuleSpec.build``.
+        ``pretrained`` was built by ``ModuleSpec.build``. ``copy_backbone=False`` freezes and keeps ``pretrained``
+        itself instead of a copy (one model's memory less; the caller must not train it afterwards).
         """
         if not isinstance(pretrained, nn.Module):
             raise TypeError(f"pretrained must be an nn.Module, got {type(pretrained).__name__}")
@@ -115,19 +120,22 @@ class TaskVectors:
                 )
             head_specs[name] = spec
 
-        backbone = copy.deepcopy(pretrained)
+        for task, item in zip(names, finetuned, strict=True):
+            if isinstance(item, nn.Module) or not (isinstance(item, Mapping) or callable(item)):
+                raise TypeError(f"task {task!r}: fine-tuned weights must be a state dict or a function returning "
+                                f"one (for a module, pass module.state_dict()), got {type(item).__name__}")
+        backbone = copy.deepcopy(pretrained) if copy_backbone else pretrained
         reference = backbone.state_dict()
-        params = dict(backbone.named_parameters())
-        for task, state in zip(names, finetuned, strict=True):
+        params = {n: p for n, p in backbone.named_parameters() if p.is_floating_point()}
+        tau = {n: torch.empty((len(names), *p.shape), dtype=dtype or p.dtype, device=p.device)
+               for n, p in params.items()}
+        for k, (task, item) in enumerate(zip(names, finetuned, strict=True)):
+            state = item() if callable(item) and not isinstance(item, Mapping) else item
             _check_state_dict(task, state, reference)
-
-        tau = {}
-        for layer, theta0 in params.items():
-            if not theta0.is_floating_point():
-                continue
             with torch.no_grad():
-                stacked = torch.stack([s[layer].to(theta0.device, theta0.dtype) - theta0 for s in finetuned])
-            tau[layer] = stacked.to(dtype or theta0.dtype)
+                for layer, theta0 in params.items():
+                    tau[layer][k] = state[layer].to(theta0.device, theta0.dtype) - theta0
+            del state  # a loaded state dict is freed before the next one is read
         heads_copy = {name: copy.deepcopy(heads[name]) for name in names}
         return cls(backbone, tau, heads_copy, names, backbone_spec, head_specs)
 
@@ -221,8 +229,10 @@ class TaskVectors:
 
     def to(self, device: torch.device | str) -> TaskVectors:
         """Move everything to ``device`` in place (dtypes unchanged); returns self."""
+        # Always applied: `with_tau`/`ties` share the backbone and heads, so the backbone may already be on
+        # ``device`` while this object's τ is not (``.to`` of a tensor already there is free).
         device = torch.device(device)
-        return self if device == self.device else self.apply_(lambda t: t.to(device))
+        return self.apply_(lambda t: t.to(device))
 
     def nbytes(self) -> int:
         """Bytes held by the stacked task vectors."""

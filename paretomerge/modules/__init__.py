@@ -4,6 +4,7 @@ from paretomerge.kernels import MergedModel
 from paretomerge.modules.adamerging import AdaMerging
 from paretomerge.modules.base import MergingModule
 from paretomerge.modules.checkpoint import CheckpointError
+from paretomerge.modules.export import ParetoSet, export_pareto_set, load_pareto_set
 from paretomerge.modules.pareto_merging import ParetoMerging
 from paretomerge.modules.selection import UnseenTaskSelection, select_for_unseen_task
 
@@ -13,6 +14,9 @@ __all__ = [
     "MergedModel",
     "MergingModule",
     "ParetoMerging",
+    "ParetoSet",
     "UnseenTaskSelection",
+    "export_pareto_set",
+    "load_pareto_set",
     "select_for_unseen_task",
 ]

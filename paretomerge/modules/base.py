@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from paretomerge.kernels import MergedModel, TaskVectors, forward_tasks, materialize, merge
 from paretomerge.kernels.sparsify import check_fraction
 from paretomerge.modules import checkpoint as ckpt
-from paretomerge.preferences import equal_and_one_hots, validate_preference
+from paretomerge.preferences import equal_and_one_hots, preference_for
 
 
 class MergingModule(L.LightningModule):
@@ -130,14 +130,8 @@ class MergingModule(L.LightningModule):
         """A plain eval-mode model with weights θ(λ, γ) and the task heads; γ is validated and normalised.
         A module whose model does not depend on γ (``preference_aware = False``) accepts ``None``."""
         tv = self._tv()
-        if preference is None:
-            if self.preference_aware:
-                raise ValueError(f"{type(self).__name__}.at needs a preference: {tv.num_tasks} non-negative weights, "
-                                 f"one per task ({', '.join(tv.task_names)})")
-            gamma = None
-        else:
-            gamma = validate_preference(preference, tv.num_tasks).to(self.device)
-        return materialize(tv, self.merged_parameters(gamma))
+        gamma = preference_for(preference, tv.task_names, self.preference_aware, type(self).__name__)
+        return materialize(tv, self.merged_parameters(None if gamma is None else gamma.to(self.device)))
 
     # ------------------------------------------------------------------ optimisation
     def training_preference(self) -> Tensor:
@@ -258,11 +252,14 @@ class MergingModule(L.LightningModule):
         self._evaluate_epoch_end("test")
 
     # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    @torch.no_grad()
+    def base_parameters(self) -> dict[str, Tensor]:
+        """The preference-independent base θ0 + Σλτ of every merged layer (what a `.ckpt` and an export store)."""
         tv = self._tv()
-        with torch.no_grad():
-            base = merge(tv.theta0, tv.tau, self.lambdas if tv.has_task_vectors else None)
-        checkpoint[ckpt.SECTION] = ckpt.pack(tv, base)
+        return merge(tv.theta0, tv.tau, self.lambdas if tv.has_task_vectors else None)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[ckpt.SECTION] = ckpt.pack(self._tv(), self.base_parameters())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         section = ckpt.section_of(checkpoint)

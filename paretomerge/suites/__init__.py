@@ -1,6 +1,10 @@
-"""Datamodules that also produce their `TaskVectors`: the embedded `TinySuite` (and, later, CLIP)."""
+"""Datamodules that also produce their `TaskVectors`: the embedded `TinySuite` and the papers' `CLIPSuite`."""
 
 from paretomerge.suites.cache import CacheError
+from paretomerge.suites.clip import CLIPSuite
+from paretomerge.suites.clip_data import DatasetNotFoundError
+from paretomerge.suites.importers import PickledCheckpointError
 from paretomerge.suites.tiny import FAST_RECIPE, FAST_TASKS, TinySuite
 
-__all__ = ["FAST_RECIPE", "FAST_TASKS", "CacheError", "TinySuite"]
+__all__ = ["FAST_RECIPE", "FAST_TASKS", "CLIPSuite", "CacheError", "DatasetNotFoundError", "PickledCheckpointError",
+           "TinySuite"]

@@ -57,7 +57,7 @@ def config_key(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -81,11 +81,11 @@ def write_entry(
         for stem, state in tensors.items():
             path = staging / f"{stem}.safetensors"
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
-            files[path.name] = _sha256(path)
+            files[path.name] = file_sha256(path)
         for stem, document in documents.items():
             path = staging / f"{stem}.json"
             path.write_text(json.dumps(document, indent=2) + "\n")
-            files[path.name] = _sha256(path)
+            files[path.name] = file_sha256(path)
         manifest = {"config": dict(config), "files": files}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if directory.exists():
@@ -132,7 +132,7 @@ def read_entry(directory: Path, config: Mapping[str, Any]) -> tuple[dict[str, di
         path = directory / name
         if not path.is_file():
             raise CacheError(f"{path} is missing")
-        if _sha256(path) != expected:
+        if file_sha256(path) != expected:
             raise CacheError(f"{path} does not match its recorded SHA-256 (corrupt or changed)")
         stem, suffix = name.rsplit(".", 1)
         if suffix == "safetensors":

@@ -12,8 +12,7 @@ the *adaptation* data that AdaMerging and Pareto Merging train on, and a labeled
 from __future__ import annotations
 
 import time
-import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,12 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
-from torchmetrics.classification import MulticlassAccuracy
+from torch.utils.data import DataLoader, TensorDataset
 
 from paretomerge.kernels import TaskVectors, forward_features, merge
 from paretomerge.static import static_merge
 from paretomerge.suites import cache
+from paretomerge.suites.loaders import EpochShuffle, derive_seed, top1_accuracy
 from paretomerge.suites.tiny_build import Recipe, finetune, pretrain, tau_norm_ratio
 from paretomerge.suites.tiny_images import FACTORS, GENERATOR_VERSION, render
 
@@ -36,31 +35,6 @@ from paretomerge.suites.tiny_images import FACTORS, GENERATOR_VERSION, render
 FAST_TASKS = ("colour", "stripes", "size")
 FAST_RECIPE = {"width": 32, "layers": 2, "output_dim": 32, "pretext_images": 1024, "pretext_steps": 120,
                "finetune_images": 512, "finetune_steps": 80, "finetune_lr": 1e-3}
-
-
-def _seed(*parts: int | str) -> int:
-    """A 32-bit seed derived from ``parts``; task names enter by name, so a task's data and weights do not
-    depend on which other tasks are in the suite."""
-    words = [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
-    return int(np.random.SeedSequence(words).generate_state(1)[0])
-
-
-class EpochShuffle(Sampler[int]):
-    """A new permutation every epoch, keyed by ``(seed, epoch)`` so a resumed run repeats the same order.
-    Lightning calls ``set_epoch`` at the start of each training epoch."""
-
-    def __init__(self, num_items: int, seed: int) -> None:
-        self.num_items, self.seed, self.epoch = num_items, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.num_items, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.num_items
 
 
 class TinySuite(LightningDataModule):
@@ -181,12 +155,12 @@ class TinySuite(LightningDataModule):
         progress, recipe, seed = self.hparams.progress, self.recipe, self.hparams.seed
         rank_zero_info(f"Building TinySuite ({len(self.tasks)} tasks: {', '.join(self.tasks)}) into {self.cache_path}")
         start = time.perf_counter()
-        theta0 = pretrain(recipe, _seed(seed, "pretext"), progress)
+        theta0 = pretrain(recipe, derive_seed(seed, "pretext"), progress)
         finetuned, heads = [], {}
         for k, task in enumerate(self.tasks):
-            data = render(recipe.finetune_images, _seed(seed, task, "finetune-images"), glyph_subset="train")
+            data = render(recipe.finetune_images, derive_seed(seed, task, "finetune-images"), glyph_subset="train")
             state, head = finetune(recipe, theta0, data.images, data.factors[task], len(FACTORS[task]),
-                                   recipe.finetune_steps_for(task), _seed(seed, task, "finetune"),
+                                   recipe.finetune_steps_for(task), derive_seed(seed, task, "finetune"),
                                    f"fine-tuning {task} ({k + 1}/{len(self.tasks)})", progress)
             finetuned.append(state)
             heads[task] = head
@@ -250,18 +224,11 @@ class TinySuite(LightningDataModule):
     def _accuracies(self, predict: Callable[[Tensor, str], Tensor], split: str = "test",
                     tasks: Sequence[str] | None = None) -> dict[str, float]:
         """Top-1 accuracy per task (torchmetrics, as the modules log it) of ``predict(images, task) -> logits``."""
-        data = self._split(split)
-        result = {}
-        with torch.no_grad():
-            for task in tasks or self.tasks:
-                images, labels = data[task]
-                # The whole split on this one process: never all-gathered (under DDP, often only rank zero is here).
-                metric = MulticlassAccuracy(num_classes=len(FACTORS[task]), average="micro", sync_on_compute=False)
-                for x, y in zip(images.split(self.hparams.eval_batch_size), labels.split(self.hparams.eval_batch_size),
-                                strict=True):
-                    metric.update(predict(x, task).argmax(-1).cpu(), y)
-                result[task] = float(metric.compute())
-        return result
+        data, size = self._split(split), self.hparams.eval_batch_size
+        return {task: top1_accuracy(lambda x, task=task: predict(x, task),
+                                    zip(data[task][0].split(size), data[task][1].split(size), strict=True),
+                                    len(FACTORS[task]))
+                for task in tasks or self.tasks}
 
     def labeled(self, split: str = "val") -> dict[str, tuple[Tensor, Tensor]]:
         """task -> (images ``[N, 3, 32, 32]``, labels ``[N]``) of the labeled ``test`` or ``val`` split."""
@@ -273,7 +240,8 @@ class TinySuite(LightningDataModule):
             raise ValueError(f"split must be 'test' or 'val', got {split!r}")
         if split not in self._splits:
             size = self.hparams.test_images if split == "test" else self.hparams.val_images
-            rendered = {t: render(size, _seed(self.hparams.seed, t, split), glyph_subset="heldout") for t in self.tasks}
+            rendered = {t: render(size, derive_seed(self.hparams.seed, t, split), glyph_subset="heldout")
+                        for t in self.tasks}
             self._splits[split] = {t: (r.images, r.factors[t]) for t, r in rendered.items()}
         return self._splits[split]
 
@@ -283,7 +251,7 @@ class TinySuite(LightningDataModule):
         epoch by ``(seed, task, epoch)``."""
         loaders = {
             t: DataLoader(TensorDataset(images), batch_size=self.hparams.batch_size, drop_last=True,
-                          sampler=EpochShuffle(len(images), _seed(self.hparams.seed, t, "order")))
+                          sampler=EpochShuffle(len(images), derive_seed(self.hparams.seed, t, "order")))
             for t, (images, _) in self._split("test").items()
         }
         return CombinedLoader(loaders, mode="max_size_cycle")

@@ -1,0 +1,158 @@
+"""The compact export: a learned Pareto set as one safetensors file, and `load_pareto_set`, which needs no Lightning.
+
+"One model plus a low-rank tensor": the file holds the preference-independent base θ0 + Σλτ (the backbone's
+whole state dict), the preference tensor (``G``, ``A``, ``B`` per target), the heads, and a JSON config in the
+safetensors metadata (how to rebuild the backbone and heads, the task names, the targets, the module's
+hyperparameters). Tensor names:
+
+    base/<parameter or buffer name>
+    heads/<task index>/<key>
+    preference/<target index>/G | A | B
+
+The base, heads and specs are those of a `.ckpt`'s section (`checkpoint.pack` / `checkpoint.unpack`), and
+``load_pareto_set(path).at(γ)`` runs the same kernels as ``ParetoMerging.load_from_checkpoint(...).at(γ)``
+(`kernels.merge` of the stored base and Δ(γ), then `kernels.materialize`), so the two give identical models. Loading
+needs no Trainer and no Lightning checkpoint machinery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from paretomerge.kernels import MergedModel, PreferenceTensor, TaskVectors, materialize, merge
+from paretomerge.modules import checkpoint as ckpt
+from paretomerge.modules.base import MergingModule
+from paretomerge.modules.checkpoint import CheckpointError
+from paretomerge.preferences import preference_for
+
+FORMAT = "paretomerge.pareto_set/1"
+METADATA_KEY = "paretomerge"
+
+
+def export_pareto_set(module: MergingModule, path: str | os.PathLike) -> Path:
+    """Write ``module``'s Pareto set to ``path`` (``.safetensors``), atomically; returns the path."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"the export is a .safetensors file; got {str(path)!r}")
+    tv = module._tv()
+    section = ckpt.pack(tv, module.base_parameters())  # the same base, heads and specs as a .ckpt holds
+    tensors = {f"base/{name}": t for name, t in section["base"].items()}
+    for index, task in enumerate(tv.task_names):
+        tensors.update({f"heads/{index}/{key}": t for key, t in section["heads"][task].items()})
+    pt: PreferenceTensor | None = getattr(module, "preference_tensor", None)
+    targets = []
+    if pt is not None:
+        for index, (name, g, a, b) in enumerate(zip(pt.names, pt.G, pt.A, pt.B, strict=True)):
+            tensors.update({f"preference/{index}/G": g, f"preference/{index}/A": a, f"preference/{index}/B": b})
+            targets.append({"name": name, "shape": list(pt.shapes[name])})
+    config = {
+        "format": FORMAT,
+        "module": f"{type(module).__module__}.{type(module).__qualname__}",
+        "preference_aware": module.preference_aware,
+        "task_names": list(tv.task_names),
+        "backbone_spec": section["backbone_spec"],
+        "head_specs": [section["head_specs"][t] for t in tv.task_names],
+        "targets": targets,
+        "rank": pt.rank if pt is not None else None,
+        "hyper_parameters": json.loads(json.dumps(dict(module.hparams), default=str)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.writing-{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging),
+                  metadata={METADATA_KEY: json.dumps(config)})
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return path
+
+
+class ParetoSet:
+    """A loaded export: ``at(γ)`` gives the plain model for a preference (one model for AdaMerging exports)."""
+
+    def __init__(self, task_vectors: TaskVectors, preference_tensor: PreferenceTensor | None,
+                 config: dict[str, Any]) -> None:
+        self.task_vectors, self.preference_tensor, self.config = task_vectors, preference_tensor, config
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self.task_vectors.task_names
+
+    @property
+    def preference_aware(self) -> bool:
+        return bool(self.config["preference_aware"])
+
+    @torch.no_grad()
+    def at(self, preference: Sequence[float] | Tensor | None = None) -> MergedModel:
+        """A plain eval-mode model with weights base + Δ(γ) and the task heads; γ is validated and normalised."""
+        gamma = preference_for(preference, self.task_names, self.preference_aware, "ParetoSet")
+        deltas = None
+        if self.preference_tensor is not None and gamma is not None:
+            deltas = self.preference_tensor.delta(gamma.to(self.task_vectors.device))
+        return materialize(self.task_vectors, merge(self.task_vectors.theta0, None, None, deltas))
+
+    def to(self, device: torch.device | str) -> ParetoSet:
+        """Move everything to ``device`` in place; returns self."""
+        self.task_vectors.to(device)
+        if self.preference_tensor is not None:
+            self.preference_tensor.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        kind = f"rank-{self.config['rank']} preference tensor" if self.preference_tensor is not None else "one model"
+        return f"ParetoSet(tasks={list(self.task_names)}, {kind}, module={self.config['module']})"
+
+
+def load_pareto_set(path: str | os.PathLike) -> ParetoSet:
+    """Read a file written by `export_pareto_set` (or ``paretomerge export``); refuses anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Pareto set {str(path)!r} does not exist or is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {err}") from err
+    try:
+        config = json.loads(metadata[METADATA_KEY])
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{str(path)!r} is not a paretomerge export: it has no '{METADATA_KEY}' metadata "
+                              "(write one with paretomerge export --ckpt X.ckpt --out file.safetensors)") from err
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r}: unsupported export format {config.get('format')!r}; expected {FORMAT}")
+    try:
+        names = list(config["task_names"])
+        section = {  # the .ckpt section's shape, rebuilt by the same code
+            "task_names": names, "backbone_spec": config["backbone_spec"],
+            "head_specs": dict(zip(names, config["head_specs"], strict=True)),
+            "base": {key[len("base/"):]: t for key, t in tensors.items() if key.startswith("base/")},
+            "heads": {task: {key.split("/", 2)[2]: t for key, t in tensors.items() if key.startswith(f"heads/{index}/")}
+                      for index, task in enumerate(names)},
+        }
+        tv = ckpt.unpack(section)
+        preference_tensor = None
+        if config["targets"]:
+            shapes = {t["name"]: tuple(t["shape"]) for t in config["targets"]}
+            preference_tensor = PreferenceTensor(shapes, len(names), int(config["rank"]))
+            own = preference_tensor.state_dict()
+            stored = {}
+            for index in range(len(shapes)):
+                for part in "GAB":
+                    stored[f"{part}.{index}"] = tensors[f"preference/{index}/{part}"]
+            if set(stored) != set(own):
+                raise KeyError(f"preference tensor entries {sorted(set(own) ^ set(stored))}")
+            preference_tensor.load_state_dict(stored, strict=True)
+            preference_tensor.eval().requires_grad_(False)
+    except (KeyError, RuntimeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"cannot rebuild the Pareto set stored in {str(path)!r}: {err}") from err
+    return ParetoSet(tv, preference_tensor, config)
