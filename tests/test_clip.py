@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from paretomerge import ModuleSpec, ParetoMerging, load_pareto_set
+from paretomerge import ModuleSpec, ParetoMerging, export_pareto_set, load_pareto_set
 from paretomerge.cli import main as cli_main
 from paretomerge.modules import CheckpointError
 from paretomerge.suites import CLIPSuite, DatasetNotFoundError, PickledCheckpointError
@@ -311,6 +311,14 @@ def test_templates_and_class_names_can_be_given_per_task(world):
     assert suite._templates("EuroSAT") == ["a satellite photo of {}."] and suite._templates("DTD") == TEMPLATES["DTD"]
 
 
+def test_inputs_are_checked_once_for_prepare_data_and_setup(world, monkeypatch):
+    calls = []
+    monkeypatch.setattr(clip_module, "resolve_pretrained", lambda *a: calls.append(a) or (None, False, "random"))
+    suite = _suite(world)
+    suite.prepare_data()
+    assert suite._check_inputs()[1]["MNIST"].name == "model.safetensors" and len(calls) == 1
+
+
 def test_a_bad_export_file_is_refused(tmp_path):
     path = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(2)}, str(path))
@@ -321,3 +329,5 @@ def test_a_bad_export_file_is_refused(tmp_path):
         load_pareto_set(tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError):
         load_pareto_set(tmp_path / "missing.safetensors")
+    with pytest.raises(TypeError, match="needs a MergingModule"):
+        export_pareto_set(nn.Linear(2, 2), tmp_path / "x.safetensors")

@@ -40,6 +40,9 @@ METADATA_KEY = "paretomerge"
 
 def export_pareto_set(module: MergingModule, path: str | os.PathLike) -> Path:
     """Write ``module``'s Pareto set to ``path`` (``.safetensors``), atomically; returns the path."""
+    if not isinstance(module, MergingModule):
+        raise TypeError(f"export_pareto_set needs a MergingModule (ParetoMerging, AdaMerging), got "
+                        f"{type(module).__name__}")
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"the export is a .safetensors file; got {str(path)!r}")

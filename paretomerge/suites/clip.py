@@ -200,6 +200,7 @@ class CLIPSuite(LightningDataModule):
         self.save_hyperparameters()
         self.tasks = tuple(tasks)
         self._task_vectors: TaskVectors | None = None
+        self._inputs: tuple[dict[str, tuple[str, ...]], dict[str, Path], tuple[str | None, bool, str]] | None = None
         self._preprocess: Callable | None = None
         self._splits: dict[tuple[str, str], LabeledSplit] = {}
         self._decoded: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
@@ -214,10 +215,13 @@ class CLIPSuite(LightningDataModule):
         self._load()
 
     def _check_inputs(self) -> tuple[dict[str, tuple[str, ...]], dict[str, Path], tuple[str | None, bool, str]]:
-        """(task -> class names, task -> checkpoint, the resolved pretrained weights); refuses what is missing."""
-        hp = self.hparams
-        names = {t: self._class_names_of(t, open_task(t, hp.data_root, "test").class_names) for t in self.tasks}
-        return names, self.checkpoint_paths(), resolve_pretrained(hp.model, hp.pretrained)
+        """(task -> class names, task -> checkpoint, the resolved pretrained weights); refuses what is missing.
+        Kept once it succeeds: ``prepare_data`` and ``setup`` both need it, and hashing a local weights file is slow."""
+        if self._inputs is None:
+            hp = self.hparams
+            names = {t: self._class_names_of(t, open_task(t, hp.data_root, "test").class_names) for t in self.tasks}
+            self._inputs = names, self.checkpoint_paths(), resolve_pretrained(hp.model, hp.pretrained)
+        return self._inputs
 
     def _class_names_of(self, task: str, metadata: tuple[str, ...]) -> tuple[str, ...]:
         override = (self.hparams.class_names or {}).get(task)
