@@ -28,7 +28,9 @@ import statistics
 import time
 
 import open_clip
+import tensorly as tl
 import torch
+from tensorly.tenalg import multi_mode_dot
 from torch import nn
 
 from paretomerge.kernels import DEFAULT_TARGETS, ModuleSpec, PreferenceTensor, TaskVectors, select_targets
@@ -128,10 +130,17 @@ def delta_cost(tv: TaskVectors, a: argparse.Namespace) -> None:
         parts = zip(pt.G, pt.A, pt.B, strict=True)
         sum((a_ @ torch.tensordot(g, gamma, dims=1) @ b.T).sum() for g, a_, b in parts).backward()
 
-    times = {"PreferenceTensor.delta (tensorly)": [], "A (Σ γ_k G_k) Bᵀ (torch matmul)": []}
+    def one_call_delta(gamma: torch.Tensor) -> None:  # the kernel before issue 8: one multi_mode_dot over 3 modes
+        with tl.backend_context("pytorch"):
+            parts = zip(pt.G, pt.A, pt.B, strict=True)
+            sum(multi_mode_dot(g, [gamma[None], a_, b], modes=[2, 0, 1]).sum() for g, a_, b in parts).backward()
+
+    times = {"PreferenceTensor.delta (tensorly: γ, then A and B)": [], "A (Σ γ_k G_k) Bᵀ (torch matmul)": [],
+             "multi_mode_dot(G, [γ, A, B]) in one call (tensorly, before issue 8)": []}
+    fns = (tensorly_delta, matmul_delta, one_call_delta)
     for r in range(a.rounds * 4):
         gamma = sample_dirichlet(a.tasks, 1.0, a.seed, r)
-        for name, fn in list(zip(times, (tensorly_delta, matmul_delta), strict=True))[:: 1 if r % 2 else -1]:
+        for name, fn in list(zip(times, fns, strict=True))[:: 1 if r % 2 else -1]:
             start = time.perf_counter()
             fn(gamma)
             times[name].append(time.perf_counter() - start)

@@ -296,7 +296,9 @@ def test_all_methods_build_weights_through_the_one_merge_kernel(monkeypatch):
     for model in (AdaMerging(tv), ParetoMerging(make_task_vectors(2), rank=2)):
         before = len(calls)
         model.at([0.5, 0.5])
-        assert len(calls) == before + 1
+        assert len(calls) == before + 2  # the base θ0 + Σλτ, then base + Δ(γ)
+        model.at([0.2, 0.8])
+        assert len(calls) == before + 3  # the base is cached while λ is unchanged: only + Δ(γ)
     params = merge(tv.theta0, tv.tau, torch.tensor([0.3, 0.3]))
     assert forward_features(tv.backbone, params, torch.randn(2, 3, 16, 16)).shape == (2, 16)
 

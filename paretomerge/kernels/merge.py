@@ -7,31 +7,70 @@ Every method (Pareto Merging, AdaMerging, the static baselines, MAP) is a choice
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import weakref
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 
-class _TaskVectorSum(torch.autograd.Function):
-    """Σ_k c[..., k] τ_k in ``dtype``. Saves τ as stored (a bf16 τ stays bf16), not an upcast copy per layer."""
+class _TaskVectorMerge(torch.autograd.Function):
+    """Every layer's ``base_l + Σ_k c[..., l, k] τ_k^l`` in one autograd node, each layer one BLAS call (``addmv``
+    for one model, ``addmm`` for ``[*M]`` models) in ``base_l``'s dtype.
+
+    Against a per-layer ``tensordot`` then add, this reads τ once and writes the result once, and it keeps the
+    per-layer autograd bookkeeping (an index node per row of ``c``, a node per layer) out of the step: measured in
+    benchmarks/README.md ("merge"). τ is saved as stored (a bf16 τ stays bf16), not as an upcast copy.
+    """
 
     @staticmethod
-    def forward(ctx, row: Tensor, tau: Tensor, dtype: torch.dtype) -> Tensor:
-        ctx.save_for_backward(row, tau)
-        return torch.tensordot(row.to(dtype), tau.to(dtype), dims=([-1], [0]))
+    def forward(ctx, rows: Tensor, num_layers: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        bases, taus = tensors[:num_layers], tensors[num_layers:]
+        ctx.save_for_backward(*taus)
+        ctx.set_materialize_grads(False)  # a layer whose output is unused sends no gradient, not a zero tensor
+        ctx.rows_shape, ctx.rows_dtype, ctx.num_layers = rows.shape, rows.dtype, num_layers
+        outputs = []
+        for c, base, tau in zip(_rows_per_layer(rows, num_layers), bases, taus, strict=True):
+            c = c.to(base.dtype)
+            flat = tau.reshape(tau.shape[0], -1).to(base.dtype)  # [K, N]: a view unless τ has another dtype
+            if c.ndim == 1:
+                outputs.append(torch.addmv(base.reshape(-1), flat.T, c).view(base.shape))
+            else:
+                merged = torch.addmm(base.reshape(1, -1), c.reshape(-1, c.shape[-1]), flat)
+                outputs.append(merged.view(*c.shape[:-1], *base.shape))
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        row, tau = ctx.saved_tensors
-        # ∂/∂c[..., k] = <grad[...], τ_k>, contracting the weight's own dimensions.
-        dims = tau.ndim - 1
-        grad_row = torch.tensordot(
-            grad, tau.to(grad.dtype), dims=(list(range(grad.ndim - dims, grad.ndim)), list(range(1, tau.ndim)))
-        )
-        return grad_row.to(row.dtype), None, None
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        taus = ctx.saved_tensors
+        num_layers, lead = ctx.num_layers, ctx.rows_shape[:-2]  # lead: the model dimensions [*M]
+        grad_rows = None
+        if ctx.needs_input_grad[0]:
+            per_layer = []
+            for grad, tau in zip(grads, taus, strict=True):
+                if grad is None:  # this layer's output was not used
+                    per_layer.append(torch.zeros(*lead, tau.shape[0], dtype=ctx.rows_dtype, device=tau.device))
+                    continue
+                # ∂/∂c[..., l, k] = <grad_l[...], τ_k^l> over the layer's own entries.
+                flat = tau.reshape(tau.shape[0], -1).to(grad.dtype)
+                value = (grad.reshape(-1, flat.shape[1]) @ flat.T).reshape(*lead, flat.shape[0]) if lead \
+                    else torch.mv(flat, grad.reshape(-1))
+                per_layer.append(value.to(ctx.rows_dtype))
+            if ctx.rows_shape[-2] > 1:
+                grad_rows = torch.stack(per_layer, dim=-2)
+            else:  # one task-wise row served every layer
+                grad_rows = torch.stack(per_layer).sum(0).unsqueeze(-2)
+        grad_bases = []
+        for layer, grad in enumerate(grads):
+            needed = ctx.needs_input_grad[2 + layer] and grad is not None
+            grad_bases.append((grad.sum(dim=tuple(range(len(lead)))) if lead else grad) if needed else None)
+        return (grad_rows, None, *grad_bases, *([None] * num_layers))
+
+
+def _rows_per_layer(rows: Tensor, num_layers: int) -> list[Tensor]:
+    """Each layer's coefficients ``[*M, K]`` out of ``[*M, L|1, K]`` (a task-wise row serves every layer)."""
+    return list(rows.unbind(-2)) if rows.shape[-2] > 1 else [rows[..., 0, :]] * num_layers
 
 
 def _coefficient_rows(coefficients: Tensor, num_layers: int, num_tasks: int) -> Tensor:
@@ -74,15 +113,12 @@ def merge(
     if unknown:
         raise ValueError(f"merge: deltas for layers that are not merged: {sorted(unknown)[:3]}")
 
-    merged = {}
-    for index, name in enumerate(names):
-        weight = theta0[name]
-        if rows is not None:
-            row = rows[..., index if rows.shape[-2] > 1 else 0, :]
-            weight = weight + _TaskVectorSum.apply(row, tau[name], weight.dtype)
-        if name in deltas:
-            weight = weight + deltas[name].to(weight.dtype)
-        merged[name] = weight
+    merged = {name: theta0[name] for name in names}
+    if rows is not None:
+        merged = dict(zip(names, _TaskVectorMerge.apply(rows, len(names), *merged.values(),
+                                                          *(tau[name] for name in names)), strict=True))
+    for name, delta in deltas.items():
+        merged[name] = merged[name] + delta.to(merged[name].dtype)
     return merged
 
 
@@ -97,19 +133,35 @@ def forward_features_many(backbone: nn.Module, params: Mapping[str, Tensor], ima
     return torch.func.vmap(lambda p: forward_features(backbone, p, images))(dict(params))
 
 
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[..., Tensor]]] = weakref.WeakKeyDictionary()
+
+
+def compiled_forward_features(backbone: nn.Module, backend: str = "inductor") -> Callable[..., Tensor]:
+    """`forward_features` of ``backbone`` through ``torch.compile(backend=backend)``, compiled once per backbone and
+    backend (kept beside it, not on it, so copies of the backbone do not carry it). Call as ``fn(params, images)``."""
+    per_backbone = _COMPILED.setdefault(backbone, {})
+    if backend not in per_backbone:
+        per_backbone[backend] = torch.compile(functools.partial(forward_features, backbone), backend=backend)
+    return per_backbone[backend]
+
+
 def forward_tasks(
     backbone: nn.Module,
     heads: Mapping[str, nn.Module],
     params: Mapping[str, Tensor],
     batch: Mapping[str, Tensor],
+    compile_backend: str | None = None,
 ) -> dict[str, Tensor]:
     """Logits per task: one backbone call over the concatenated task batches, then each task's head.
 
-    batch: task -> images ``[B_k, C, H, W]``. Returns task -> logits ``[B_k, C_k]``.
+    batch: task -> images ``[B_k, C, H, W]``. Returns task -> logits ``[B_k, C_k]``. ``compile_backend`` (e.g.
+    ``"inductor"``) runs the backbone through `compiled_forward_features`; None runs it eagerly.
     """
     tasks = list(batch)
     sizes = [batch[t].shape[0] for t in tasks]
-    features = forward_features(backbone, params, torch.cat([batch[t] for t in tasks]))
+    run = compiled_forward_features(backbone, compile_backend) if compile_backend else \
+        functools.partial(forward_features, backbone)
+    features = run(dict(params), torch.cat([batch[t] for t in tasks]))
     return {t: heads[t](f) for t, f in zip(tasks, features.split(sizes), strict=True)}
 
 

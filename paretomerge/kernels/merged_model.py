@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -29,11 +29,18 @@ class MergedModel(nn.Module):
 
 
 @torch.no_grad()
-def materialize(task_vectors: TaskVectors, params: Mapping[str, Tensor]) -> MergedModel:
+def materialize(task_vectors: TaskVectors, params: Mapping[str, Tensor], owned: Collection[str] = ()) -> MergedModel:
     """A copy of the backbone holding ``params`` (one model, as `kernels.merge` returns), with copies of the heads;
-    eval mode, no gradients."""
-    backbone = copy.deepcopy(task_vectors.backbone)
-    own = dict(backbone.named_parameters())
-    for name, value in params.items():
-        own[name].copy_(value)
+    eval mode, no gradients.
+
+    ``params`` are copied, except those named in ``owned``: new tensors nothing else holds, which the model takes as
+    they are. θ0's own parameters are never copied (a ``deepcopy`` memo puts the merged values in their place), so
+    this costs about one ``deepcopy`` of the backbone.
+    """
+    own = dict(task_vectors.backbone.named_parameters())
+    memo = {
+        id(own[name]): nn.Parameter(value.detach() if name in owned else value.detach().clone(), requires_grad=False)
+        for name, value in params.items()
+    }
+    backbone = copy.deepcopy(task_vectors.backbone, memo)
     return MergedModel(backbone, copy.deepcopy(task_vectors.heads)).eval().requires_grad_(False)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import tensorly as tl
 import torch
-from tensorly.tenalg import multi_mode_dot
+from tensorly.tenalg import mode_dot, multi_mode_dot
 from torch import Tensor, nn
 
 # open_clip's attention projections: `attn.in_proj_weight` [3d, d] and `attn.out_proj.weight` [d, d].
@@ -77,10 +77,13 @@ class PreferenceTensor(nn.Module):
         out = {}
         with tl.backend_context("pytorch"):
             for name, g, a, b in zip(self.names, self.G, self.A, self.B, strict=True):
-                # Contract γ first (cheapest): [r, r, K] -> [r, r, M] -> [m, r, M] -> [m, n, M].
-                d = multi_mode_dot(g, [rows.to(g.dtype), a, b], modes=[2, 0, 1])
-                d = d.permute(2, 0, 1).reshape(rows.shape[0], *self.shapes[name])
-                out[name] = d[0] if gamma.ndim == 1 else d
+                # Contract γ first (the cheapest mode), then the [r, r] core with A and B. The one-call
+                # multi_mode_dot(G, [γ, A, B], modes=[2, 0, 1]) gives the same Δ but folds 3-D [m, n, M] tensors
+                # through copies: far slower, forward and backward (benchmarks/README.md, bench_step.py's Δ table).
+                cores = mode_dot(g, rows.to(g.dtype), mode=2)  # [r, r, M]
+                d = [multi_mode_dot(cores[:, :, i], [a, b], modes=[0, 1]) for i in range(rows.shape[0])]  # [m, n]
+                out[name] = d[0].reshape(self.shapes[name]) if gamma.ndim == 1 else \
+                    torch.stack(d).reshape(rows.shape[0], *self.shapes[name])
         return out
 
     def cores(self) -> list[Tensor]:

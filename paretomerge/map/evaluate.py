@@ -22,9 +22,9 @@ class MergeEvaluator:
     data: task -> (images ``[N, C, H, W]``, labels ``[N]``), e.g. a suite's validation split; moved to the task
     vectors' device once. models_per_call: how many merged models one forward call runs (``forward_features_many``,
     a vmap over the kernel's leading model dimension); 1 (the default) evaluates them one at a time. On the default
-    TinySuite, 2-core CPU, 8 models per call took 1.84× as long per model as one at a time (median of 4
-    alternating rounds; torch has no vmap rule for `_native_multi_head_attention` and loops). To be re-measured
-    in issue 5's benchmark and on a GPU.
+    TinySuite, 2-core CPU, 8 models per call took 1.97× as long per model as one at a time (`bench_map.py --tables
+    4`, median of 4 alternating rounds; torch has no vmap rule for `_native_multi_head_attention` and loops). Not
+    yet measured on a GPU.
     """
 
     def __init__(self, task_vectors: TaskVectors, data: Mapping[str, tuple[Tensor, Tensor]], metric: str = "accuracy",

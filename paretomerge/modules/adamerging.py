@@ -27,6 +27,7 @@ class AdaMerging(MergingModule):
         lr, lambda_init, lambda_bounds: Adam's learning rate, the start value of λ, and its clamp after each step.
         seed: kept for the shared interface; AdaMerging draws nothing at random.
         ties_top_k: TIES-preprocess the task vectors keeping this fraction of each (AdaMerging++ uses 0.2).
+        compile_forward: run the merged forward through ``torch.compile`` (True: inductor; or a backend's name).
 
     ``at()`` needs no preference: the model is the same for every γ (one given is validated, then ignored).
     """
@@ -43,8 +44,10 @@ class AdaMerging(MergingModule):
         lambda_bounds: Sequence[float] | None = (0.0, 1.0),
         seed: int = 0,
         ties_top_k: float | None = None,
+        compile_forward: bool | str = False,
     ) -> None:
-        super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, seed=seed, ties_top_k=ties_top_k)
+        super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, seed=seed, ties_top_k=ties_top_k,
+                         compile_forward=compile_forward)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if isinstance(preference, Tensor):

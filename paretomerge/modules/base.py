@@ -21,6 +21,22 @@ from paretomerge.modules import checkpoint as ckpt
 from paretomerge.preferences import equal_and_one_hots, preference_for
 
 
+def compile_backend(compile_forward: bool | str) -> str | None:
+    """The ``torch.compile`` backend for the merged forward: False -> None (eager), True -> ``"inductor"``, or a
+    backend's name (``"aot_eager"``, ``"cudagraphs"``...)."""
+    if compile_forward is False or compile_forward is None:
+        return None
+    if compile_forward is True:
+        return "inductor"
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(compile_forward, str) or compile_forward not in backends:
+        raise ValueError(f"compile_forward must be true, false or a torch.compile backend {backends}, "
+                         f"got {compile_forward!r}")
+    return compile_forward
+
+
 class MergingModule(L.LightningModule):
     """Owns a `TaskVectors` (never registered, so never in ``state_dict``) and the coefficients λ ``[L, K]``.
 
@@ -32,8 +48,9 @@ class MergingModule(L.LightningModule):
     preference_aware = True
 
     def __init__(self, lr: float, lambda_init: float, lambda_bounds: Sequence[float] | None, seed: int,
-                 ties_top_k: float | None = None) -> None:
+                 ties_top_k: float | None = None, compile_forward: bool | str = False) -> None:
         super().__init__()
+        self._compile_backend = compile_backend(compile_forward)
         if ties_top_k is not None:
             check_fraction("ties_top_k (the fraction of each task vector TIES keeps)", ties_top_k, allow_one=True)
         if not (isinstance(lr, (int, float)) and lr > 0):
@@ -48,6 +65,7 @@ class MergingModule(L.LightningModule):
         self.task_vectors: TaskVectors | None = None
         self.lambdas: nn.Parameter | None = None
         self.accuracy = nn.ModuleDict()
+        self._base_cache: tuple[tuple[Any, ...], dict[str, Tensor]] | None = None
 
     # ------------------------------------------------------------------ task vectors and trainables
     def attach(self, task_vectors: TaskVectors) -> None:
@@ -115,15 +133,21 @@ class MergingModule(L.LightningModule):
         return None
 
     def merged_parameters(self, gamma: Tensor | None) -> dict[str, Tensor]:
-        """θ(λ, γ) for every merged layer, through the one merge kernel."""
+        """θ(λ, γ) for every merged layer, through the one merge kernel.
+
+        With gradients off (validation, ``at``, fronts), the base θ0 + Σλτ does not depend on γ: it is merged once
+        per value of λ (`base_parameters`) and only Δ(γ) is added per preference.
+        """
         tv = self._tv()
-        coefficients = self.lambdas if tv.has_task_vectors else None  # a .ckpt base already holds Σλτ
-        return merge(tv.theta0, tv.tau, coefficients, self.deltas(gamma))
+        if torch.is_grad_enabled() or not tv.has_task_vectors:
+            coefficients = self.lambdas if tv.has_task_vectors else None  # a .ckpt base already holds Σλτ
+            return merge(tv.theta0, tv.tau, coefficients, self.deltas(gamma))
+        return merge(self.base_parameters(), None, None, self.deltas(gamma))
 
     def forward(self, batch: Mapping[str, Tensor], gamma: Tensor | None = None) -> dict[str, Tensor]:
         """Logits per task for ``batch`` (task -> images) under θ(λ, γ)."""
         tv = self._tv()
-        return forward_tasks(tv.backbone, tv.heads, self.merged_parameters(gamma), batch)
+        return forward_tasks(tv.backbone, tv.heads, self.merged_parameters(gamma), batch, self._compile_backend)
 
     @torch.no_grad()
     def at(self, preference: Sequence[float] | Tensor | None = None) -> MergedModel:
@@ -131,7 +155,10 @@ class MergingModule(L.LightningModule):
         A module whose model does not depend on γ (``preference_aware = False``) accepts ``None``."""
         tv = self._tv()
         gamma = preference_for(preference, tv.task_names, self.preference_aware, type(self).__name__)
-        return materialize(tv, self.merged_parameters(None if gamma is None else gamma.to(self.device)))
+        params = self.merged_parameters(None if gamma is None else gamma.to(self.device))
+        shared = self.base_parameters() if tv.has_task_vectors else tv.theta0
+        # Layers with a Δ are new tensors the model can own; the others are the cached base or θ0 itself.
+        return materialize(tv, params, owned=[n for n, p in params.items() if p is not shared[n]])
 
     # ------------------------------------------------------------------ optimisation
     def training_preference(self) -> Tensor:
@@ -144,6 +171,7 @@ class MergingModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         tv = self._tv()
+        self._base_cache = None  # λ is about to change; do not hold a stale base beside the merged weights
         images = {t: x for t, (x, _) in self.split_batch(batch, tv.task_names, "train").items()}
         gamma = self.training_preference().to(self.device)
         parts = self.objective(self(images, gamma), gamma)
@@ -254,9 +282,21 @@ class MergingModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     @torch.no_grad()
     def base_parameters(self) -> dict[str, Tensor]:
-        """The preference-independent base θ0 + Σλτ of every merged layer (what a `.ckpt` and an export store)."""
+        """The preference-independent base θ0 + Σλτ of every merged layer (what a `.ckpt` and an export store).
+
+        Cached until λ's values, the task vectors or the device change (the cache is dropped at each training
+        step, so training never holds it beside the merged weights). Treat the tensors as read-only.
+        """
         tv = self._tv()
-        return merge(tv.theta0, tv.tau, self.lambdas if tv.has_task_vectors else None)
+        if not tv.has_task_vectors:
+            return tv.theta0
+        key = (id(tv), id(tv.tau), self.lambdas.device)
+        cached = self._base_cache
+        if cached is None or cached[0][:3] != key or not torch.equal(cached[0][3], self.lambdas):
+            self._base_cache = None  # free the old base before merging the new one
+            base = merge(tv.theta0, tv.tau, self.lambdas)
+            self._base_cache = ((*key, self.lambdas.detach().clone()), base)
+        return self._base_cache[1]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[ckpt.SECTION] = ckpt.pack(self._tv(), self.base_parameters())

@@ -101,7 +101,8 @@ class ParetoSet:
         deltas = None
         if self.preference_tensor is not None and gamma is not None:
             deltas = self.preference_tensor.delta(gamma.to(self.task_vectors.device))
-        return materialize(self.task_vectors, merge(self.task_vectors.theta0, None, None, deltas))
+        params = merge(self.task_vectors.theta0, None, None, deltas)
+        return materialize(self.task_vectors, params, owned=list(deltas or ()))
 
     def to(self, device: torch.device | str) -> ParetoSet:
         """Move everything to ``device`` in place; returns self."""
