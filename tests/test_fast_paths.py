@@ -7,11 +7,24 @@ from __future__ import annotations
 import pytest
 import tensorly as tl
 import torch
+import torch._dynamo
 from tensorly.tenalg import multi_mode_dot
 
 from paretomerge import ParetoMerging, PreferenceTensor, merge
 from paretomerge.kernels import forward_tasks
 from tests.synthetic import make_task_vectors
+
+COMPILED: list[int] = []
+
+
+def _counting_backend(graph, example_inputs):
+    """A torch.compile backend that records that dynamo compiled a graph, then runs it as traced."""
+    COMPILED.append(1)
+    return graph.forward
+
+
+if "paretomerge_counting" not in torch._dynamo.list_backends(exclude_tags=()):
+    torch._dynamo.register_backend(_counting_backend, name="paretomerge_counting")
 
 
 def reference_merge(theta0, tau, coefficients):
@@ -113,12 +126,15 @@ def test_cached_base_equals_a_fresh_merge_and_follows_lambda():
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     before = model.at(gamma)(images, task="task0")
     with torch.no_grad():
-        model.lambdas.mul_(0.5)  # as an optimizer step would (a fused Adam does not bump the version counter)
+        model.lambdas.mul_(0.5)  # in place, as an optimizer step does
     after = model.at(gamma)(images, task="task0")
-    with torch.no_grad():
-        expected = model({"task0": images}, gamma)["task0"]
+    expected = model({"task0": images}, gamma)["task0"].detach()  # gradients on: a fresh merge, no cache
     assert not torch.allclose(before, after, atol=1e-4)
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
+    model.base_parameters()
+    model.to(torch.float64)  # moving the module drops the cache: the next base is float64, like θ0
+    assert model._base_cache is None
+    assert next(iter(model.base_parameters().values())).dtype == torch.float64
 
 
 def test_at_models_own_their_weights():
@@ -147,7 +163,7 @@ def test_compiled_forward_equals_eager_forward():
     compiled = forward_tasks(tv.backbone, tv.heads, tv.theta0, batch, compile_backend="aot_eager")
     for task in tv.task_names:
         torch.testing.assert_close(compiled[task], eager[task], rtol=1e-5, atol=1e-6)
-    model = ParetoMerging(task_vectors=tv, rank=2, compile_forward="aot_eager")
+    model = ParetoMerging(task_vectors=tv, rank=2, compile_forward="paretomerge_counting")
     gamma = torch.tensor([0.4, 0.6])
     loss = model.objective(model(batch, gamma), gamma)["loss"]
     loss.backward()
@@ -156,5 +172,7 @@ def test_compiled_forward_equals_eager_forward():
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.lambdas.grad, reference.lambdas.grad, rtol=1e-4, atol=1e-6)
+    assert COMPILED, "compile_forward must send the merged forward through torch.compile"
+    assert "compile_forward" not in model.hparams  # a .ckpt loads eagerly, wherever it is loaded
     with pytest.raises(ValueError, match="compile_forward must be true, false or a torch.compile backend"):
         ParetoMerging(task_vectors=tv, compile_forward="fastest")

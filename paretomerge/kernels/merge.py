@@ -7,8 +7,6 @@ Every method (Pareto Merging, AdaMerging, the static baselines, MAP) is a choice
 
 from __future__ import annotations
 
-import functools
-import weakref
 from collections.abc import Callable, Mapping
 
 import torch
@@ -133,16 +131,16 @@ def forward_features_many(backbone: nn.Module, params: Mapping[str, Tensor], ima
     return torch.func.vmap(lambda p: forward_features(backbone, p, images))(dict(params))
 
 
-_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[..., Tensor]]] = weakref.WeakKeyDictionary()
+_COMPILED: dict[str, Callable[..., Tensor]] = {}
 
 
-def compiled_forward_features(backbone: nn.Module, backend: str = "inductor") -> Callable[..., Tensor]:
-    """`forward_features` of ``backbone`` through ``torch.compile(backend=backend)``, compiled once per backbone and
-    backend (kept beside it, not on it, so copies of the backbone do not carry it). Call as ``fn(params, images)``."""
-    per_backbone = _COMPILED.setdefault(backbone, {})
-    if backend not in per_backbone:
-        per_backbone[backend] = torch.compile(functools.partial(forward_features, backbone), backend=backend)
-    return per_backbone[backend]
+def compiled_forward_features(backend: str = "inductor") -> Callable[..., Tensor]:
+    """`forward_features` through ``torch.compile(backend=backend)``, compiled once per backend and process; call it
+    as ``fn(backbone, params, images)``. Dynamo guards on the backbone, so each backbone gets its own graph; nothing
+    here holds a backbone alive."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(forward_features, backend=backend)
+    return _COMPILED[backend]
 
 
 def forward_tasks(
@@ -159,9 +157,8 @@ def forward_tasks(
     """
     tasks = list(batch)
     sizes = [batch[t].shape[0] for t in tasks]
-    run = compiled_forward_features(backbone, compile_backend) if compile_backend else \
-        functools.partial(forward_features, backbone)
-    features = run(dict(params), torch.cat([batch[t] for t in tasks]))
+    run = compiled_forward_features(compile_backend) if compile_backend else forward_features
+    features = run(backbone, dict(params), torch.cat([batch[t] for t in tasks]))
     return {t: heads[t](f) for t, f in zip(tasks, features.split(sizes), strict=True)}
 
 

@@ -55,7 +55,7 @@ class AdaMerging(MergingModule):
         if preference is not None:
             validate_preference(preference, len(preference))  # finite, non-negative, positive sum; length later
             preference = [float(p) for p in preference]
-        self.save_hyperparameters(ignore=["task_vectors"])
+        self.save_hyperparameters(ignore=["task_vectors", "compile_forward"])  # a .ckpt loads eagerly
         if task_vectors is not None:
             self.attach(task_vectors)
 

@@ -83,10 +83,12 @@ class MergingModule(L.LightningModule):
         if self.lambdas is None:
             self._build_trainable(task_vectors)
             self._build_metrics(task_vectors)
+        self._base_cache = None
         self.task_vectors = task_vectors.to(self.device)
 
     def _apply(self, fn: Any, recurse: bool = True) -> MergingModule:
         # .to()/.cpu()/.half() reach the unregistered task vectors too, so they follow the module.
+        self._base_cache = None  # would stay on the old device or dtype
         super()._apply(fn, recurse)
         if getattr(self, "task_vectors", None) is not None:
             self.task_vectors.apply_(fn)
@@ -136,7 +138,8 @@ class MergingModule(L.LightningModule):
         """θ(λ, γ) for every merged layer, through the one merge kernel.
 
         With gradients off (validation, ``at``, fronts), the base θ0 + Σλτ does not depend on γ: it is merged once
-        per value of λ (`base_parameters`) and only Δ(γ) is added per preference.
+        per value of λ (`base_parameters`) and only Δ(γ) is added per preference. The layers without a Δ are then
+        the cached tensors themselves: read them, do not modify them in place.
         """
         tv = self._tv()
         if torch.is_grad_enabled() or not tv.has_task_vectors:
@@ -284,19 +287,20 @@ class MergingModule(L.LightningModule):
     def base_parameters(self) -> dict[str, Tensor]:
         """The preference-independent base θ0 + Σλτ of every merged layer (what a `.ckpt` and an export store).
 
-        Cached until λ's values, the task vectors or the device change (the cache is dropped at each training
-        step, so training never holds it beside the merged weights). Treat the tensors as read-only.
+        Cached until λ's values change, new task vectors are attached or the module moves (the cache is dropped at
+        each training step, so training never holds it beside the merged weights). The dict is yours; the tensors
+        are shared with the cache: treat them as read-only.
         """
         tv = self._tv()
         if not tv.has_task_vectors:
             return tv.theta0
-        key = (id(tv), id(tv.tau), self.lambdas.device)
+        key = (id(tv), id(tv.tau), self.lambdas.device, self.lambdas.dtype)
         cached = self._base_cache
-        if cached is None or cached[0][:3] != key or not torch.equal(cached[0][3], self.lambdas):
+        if cached is None or cached[0][:4] != key or not torch.equal(cached[0][4], self.lambdas):
             self._base_cache = None  # free the old base before merging the new one
             base = merge(tv.theta0, tv.tau, self.lambdas)
             self._base_cache = ((*key, self.lambdas.detach().clone()), base)
-        return self._base_cache[1]
+        return dict(self._base_cache[1])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[ckpt.SECTION] = ckpt.pack(self._tv(), self.base_parameters())

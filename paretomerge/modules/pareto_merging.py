@@ -57,7 +57,7 @@ class ParetoMerging(MergingModule):
     ) -> None:
         super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, seed=seed, ties_top_k=ties_top_k,
                          compile_forward=compile_forward)
-        self.save_hyperparameters(ignore=["task_vectors"])
+        self.save_hyperparameters(ignore=["task_vectors", "compile_forward"])  # a .ckpt loads eagerly
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         for name, value in (("alpha", alpha), ("mu", mu), ("eps", eps)):
