@@ -18,7 +18,7 @@ Rows (each with its target):
 
 Every ratio is the median of per-round ratios; in each round the two sides run in alternating order.
 
-Run:  .venv/bin/python benchmarks/bench_limits.py               (about 20 minutes on 2 cores)
+Run:  .venv/bin/python benchmarks/bench_limits.py               (about 15 minutes on 2 cores)
       .venv/bin/python benchmarks/bench_limits.py --rows 1 3    (some rows only)
 """
 

@@ -3,7 +3,7 @@ step of the same backbone (all weights trainable, Adam) on the same images.
 
 Phases, timed with `time.perf_counter` around each (CPU: every op is synchronous; on a GPU each phase ends with
 ``torch.cuda.synchronize``):
-  data       next batch from the loader (TinySuite's adaptation loader, or a prepared synthetic one)
+  data       a copy of the next batch, drawn beforehand (from TinySuite's adaptation loader, or synthetic)
   delta      Δ(γ) for every target (`PreferenceTensor.delta`)
   merge      θ0 + Σ λ τ + Δ for every layer (`kernels.merge`)
   forward    the functional forward over all K task batches, heads and the objective

@@ -65,7 +65,7 @@ class MergingModule(L.LightningModule):
         self.task_vectors: TaskVectors | None = None
         self.lambdas: nn.Parameter | None = None
         self.accuracy = nn.ModuleDict()
-        self._base_cache: tuple[tuple[Any, ...], dict[str, Tensor]] | None = None
+        self._base_cache: tuple[int, Tensor, dict[str, Tensor]] | None = None  # (id of τ, λ, base)
 
     # ------------------------------------------------------------------ task vectors and trainables
     def attach(self, task_vectors: TaskVectors) -> None:
@@ -142,10 +142,9 @@ class MergingModule(L.LightningModule):
         the cached tensors themselves: read them, do not modify them in place.
         """
         tv = self._tv()
-        if torch.is_grad_enabled() or not tv.has_task_vectors:
-            coefficients = self.lambdas if tv.has_task_vectors else None  # a .ckpt base already holds Σλτ
-            return merge(tv.theta0, tv.tau, coefficients, self.deltas(gamma))
-        return merge(self.base_parameters(), None, None, self.deltas(gamma))
+        if torch.is_grad_enabled() and tv.has_task_vectors:
+            return merge(tv.theta0, tv.tau, self.lambdas, self.deltas(gamma))
+        return merge(self.base_parameters(), None, None, self.deltas(gamma))  # a .ckpt's θ0 already holds Σλτ
 
     def forward(self, batch: Mapping[str, Tensor], gamma: Tensor | None = None) -> dict[str, Tensor]:
         """Logits per task for ``batch`` (task -> images) under θ(λ, γ)."""
@@ -159,8 +158,8 @@ class MergingModule(L.LightningModule):
         tv = self._tv()
         gamma = preference_for(preference, tv.task_names, self.preference_aware, type(self).__name__)
         params = self.merged_parameters(None if gamma is None else gamma.to(self.device))
-        shared = self.base_parameters() if tv.has_task_vectors else tv.theta0
-        # Layers with a Δ are new tensors the model can own; the others are the cached base or θ0 itself.
+        shared = self.base_parameters()
+        # Layers with a Δ are new tensors the model can own; the others are the cached base (or a .ckpt's θ0) itself.
         return materialize(tv, params, owned=[n for n, p in params.items() if p is not shared[n]])
 
     # ------------------------------------------------------------------ optimisation
@@ -294,13 +293,14 @@ class MergingModule(L.LightningModule):
         tv = self._tv()
         if not tv.has_task_vectors:
             return tv.theta0
-        key = (id(tv), id(tv.tau), self.lambdas.device, self.lambdas.dtype)
+        # `attach` and `_apply` drop the cache; the τ dict's identity catches a direct `task_vectors.to(...)`, and λ is
+        # compared by value because a fused optimizer updates it without bumping its version counter.
         cached = self._base_cache
-        if cached is None or cached[0][:4] != key or not torch.equal(cached[0][4], self.lambdas):
+        if cached is None or cached[0] != id(tv.tau) or not torch.equal(cached[1], self.lambdas):
             self._base_cache = None  # free the old base before merging the new one
             base = merge(tv.theta0, tv.tau, self.lambdas)
-            self._base_cache = ((*key, self.lambdas.detach().clone()), base)
-        return dict(self._base_cache[1])
+            self._base_cache = (id(tv.tau), self.lambdas.detach().clone(), base)
+        return dict(self._base_cache[2])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[ckpt.SECTION] = ckpt.pack(self._tv(), self.base_parameters())
