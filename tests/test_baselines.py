@@ -43,8 +43,10 @@ SELECTED = {
                             [[-6.0, 0.0], [0.0, 0.0]]]),
     "bias": torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 7.0]]),
 }
-# disjoint mean: w[1,0] is kept by two tasks -> (2.5 + 2) / 2; every other entry by one.
-TIES_VECTOR = {"weight": torch.tensor([[-6.0, -5.0], [2.25, 3.0]]), "bias": torch.tensor([3.0, 7.0])}
+# disjoint sum (the default, as AdaMerging's and FusionBench's TIES run it): w[1,0] is kept by two tasks -> 2.5 + 2.
+TIES_SUM = {"weight": torch.tensor([[-6.0, -5.0], [4.5, 3.0]]), "bias": torch.tensor([3.0, 7.0])}
+# disjoint mean (the TIES paper): w[1,0] -> (2.5 + 2) / 2; every other entry is kept by one task.
+TIES_MEAN = {"weight": torch.tensor([[-6.0, -5.0], [2.25, 3.0]]), "bias": torch.tensor([3.0, 7.0])}
 
 
 def linear_task_vectors(tau: dict[str, torch.Tensor]) -> TaskVectors:
@@ -57,15 +59,32 @@ def linear_task_vectors(tau: dict[str, torch.Tensor]) -> TaskVectors:
                                                                                      "out_features": 2}))
 
 
-def test_ties_trims_elects_and_takes_the_disjoint_mean_as_worked_by_hand():
+def test_ties_trims_elects_and_takes_the_disjoint_sum_or_mean_as_worked_by_hand():
     selected = ties_select(TAU, top_k=0.5)
     for name in TAU:
         torch.testing.assert_close(selected[name], SELECTED[name], rtol=0, atol=0)
-        torch.testing.assert_close(disjoint_mean_split(selected)[name].sum(0), TIES_VECTOR[name])
+        torch.testing.assert_close(disjoint_mean_split(selected)[name].sum(0), TIES_MEAN[name])
     tv = linear_task_vectors(TAU)
-    merged = static_merge("ties", tv, top_k=0.5, scale=0.3)
-    for name in TAU:
-        torch.testing.assert_close(merged[name], tv.theta0[name] + 0.3 * TIES_VECTOR[name])
+    default = static_merge("ties", tv, top_k=0.5, scale=0.3)
+    for aggregate, vector in (("sum", TIES_SUM), ("mean", TIES_MEAN)):
+        merged = static_merge("ties", tv, top_k=0.5, scale=0.3, aggregate=aggregate)
+        for name in TAU:
+            torch.testing.assert_close(merged[name], tv.theta0[name] + 0.3 * vector[name])
+            if aggregate == "sum":
+                torch.testing.assert_close(default[name], merged[name], rtol=0, atol=0)
+
+
+def test_dare_ties_follows_the_aggregate():
+    tv = linear_task_vectors(TAU)
+    for aggregate in ("sum", "mean"):
+        dropped = tv.dare(0.5, seed=3)
+        by_hand = static_merge("ties", dropped, top_k=0.5, aggregate=aggregate)
+        merged = static_merge("dare_ties", tv, top_k=0.5, drop=0.5, seed=3, aggregate=aggregate)
+        for name in TAU:
+            torch.testing.assert_close(merged[name], by_hand[name], rtol=0, atol=0)
+    sums = static_merge("dare_ties", tv, top_k=0.5, drop=0.5, seed=3)
+    means = static_merge("dare_ties", tv, top_k=0.5, drop=0.5, seed=3, aggregate="mean")
+    assert any(not torch.equal(sums[n], means[n]) for n in TAU)
 
 
 def test_ties_ranks_over_the_whole_task_vector_not_per_layer():
@@ -148,6 +167,8 @@ def test_every_registered_merge_gives_a_model_that_runs():
     ("tie", {}, "unknown merge method 'tie'"),
     ("ties", {"top_k": 0.0}, r"top_k .* must be in \(0, 1\]"),
     ("ties", {"top_k": 1.5}, r"top_k .* must be in \(0, 1\]"),
+    ("ties", {"aggregate": "median"}, "aggregate must be 'sum' .* or 'mean'"),
+    ("dare_ties", {"aggregate": "max"}, "aggregate must be 'sum' .* or 'mean'"),
     ("dare_ties", {"drop": 0.0}, r"drop rate must be in \(0, 1\)"),
     ("dare_task_arithmetic", {"drop": 1.0}, "undefined"),
     ("dare_task_arithmetic", {"drop": -0.5}, r"drop rate must be in \(0, 1\)"),

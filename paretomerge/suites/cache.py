@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,6 +38,7 @@ except ImportError:  # Windows: no flock
     fcntl = None
 
 MANIFEST = "manifest.json"
+T = TypeVar("T")
 
 
 class CacheError(RuntimeError):
@@ -140,6 +141,28 @@ def read_entry(directory: Path, config: Mapping[str, Any]) -> tuple[dict[str, di
         else:
             documents[stem] = json.loads(path.read_text())
     return tensors, documents
+
+
+def read_or_build(directory: Path, config: Mapping[str, Any], build: Callable[[], tuple[dict, dict]],
+                  load: Callable[[dict, dict], T], on_wait: Callable[[str], None] | None = None,
+                  on_unusable: Callable[[CacheError], None] | None = None) -> T:
+    """``load(tensors, documents)`` of the entry at ``directory``, built first (``build() -> (tensors, documents)``,
+    then written) if it is missing, partial or corrupt, or if ``load`` refuses it with `CacheError`. One process builds
+    while any other starting at once waits on the lock (``on_wait``), then reads. ``on_unusable(error)`` hears about an
+    entry that exists but cannot be used, before it is rebuilt."""
+    try:
+        return load(*read_entry(directory, config))
+    except CacheError:
+        pass
+    with exclusive(directory, on_wait):
+        try:
+            return load(*read_entry(directory, config))
+        except CacheError as err:
+            if directory.exists() and on_unusable is not None:
+                on_unusable(err)
+        tensors, documents = build()
+        write_entry(directory, config, tensors, documents)
+        return load(tensors, documents)
 
 
 @contextmanager
