@@ -66,7 +66,7 @@ class Runner:
         self.tasks = list(self.tv.task_names)
         report = suite.build_report
         self.individual = np.array([report["tasks"][t]["individual_accuracy"] for t in self.tasks])
-        self.pretrained = np.array([report["tasks"][t]["pretrained_accuracy"] for t in self.tasks])
+        self.zero_shot = np.array([report["tasks"][t]["zero_shot_accuracy"] for t in self.tasks])
 
     def accuracy(self, net: torch.nn.Module) -> np.ndarray:
         result = self.suite.evaluate(net)
@@ -117,7 +117,7 @@ def table_a(runner: Runner, out: Path, bar: tqdm) -> tuple[str, dict]:
     total_finetune = sum(runner.suite.recipe.finetune_steps_for(t) for t in runner.tasks)
     cost_individual = [f"{len(runner.tasks)} fine-tunes", str(total_finetune), "(suite build)"]
     for label, accuracy, cost in (("individual", runner.individual, cost_individual),
-                                  ("pretrained θ0", runner.pretrained, ["0", "0", "0"])):
+                                  ("zero-shot θ0", runner.zero_shot, ["0", "0", "0"])):
         results[label] = {"accuracy": accuracy}
         rows.append([label, *map(pct, accuracy), pct(accuracy.mean()), pct((accuracy / runner.individual).mean()),
                      *cost])

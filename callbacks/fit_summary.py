@@ -69,15 +69,23 @@ class FitSummary(L.Callback):
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         print(self._table(tasks, report, hv, hv_normalised, trainer, log_dir))
 
+    @staticmethod
+    def _baseline_columns(report: dict | None, tasks: list[str]) -> list[tuple[str, list[float]]]:
+        """Zero-shot θ0, the fine-tuned models and Task Arithmetic, from the suite's build report when it has them."""
+        columns = []
+        for name, key in (("zero-shot", "zero_shot_accuracy"), ("individual", "individual_accuracy"),
+                          ("task arith.", "task_arithmetic_accuracy")):
+            if report and all(key in report["tasks"][t] for t in tasks):
+                columns.append((name, [report["tasks"][t][key] for t in tasks]))
+        return columns
+
     def _single_model_table(self, tasks: list[str], datamodule: Any, pl_module: L.LightningModule,
                             trainer: L.Trainer) -> str:
         accuracy = datamodule.evaluate(pl_module.at())
         self.front = torch.tensor([[accuracy[t] for t in tasks]], dtype=torch.float64)
         report = getattr(datamodule, "build_report", None)
         columns: list[tuple[str, list[float]]] = []
-        if report:
-            columns.append(("individual", [report["tasks"][t]["individual_accuracy"] for t in tasks]))
-            columns.append(("task arith.", [report["tasks"][t]["task_arithmetic_accuracy"] for t in tasks]))
+        columns += self._baseline_columns(report, tasks)
         columns.append((type(pl_module).__name__, self.front[0].tolist()))
         header = f"{'task':<12}" + "".join(f"{name:>13}" for name, _ in columns)
         lines = ["", f"{type(pl_module).__name__}: test accuracy (%) per task", header, "-" * len(header)]
@@ -98,9 +106,7 @@ class FitSummary(L.Callback):
         own = torch.stack([front[1 + k, k] for k in range(num_tasks)])  # task k at the one-hot e_k
         header = f"{'task':<12}"
         columns: list[tuple[str, list[float]]] = []
-        if report:
-            columns.append(("individual", [report["tasks"][t]["individual_accuracy"] for t in tasks]))
-            columns.append(("task arith.", [report["tasks"][t]["task_arithmetic_accuracy"] for t in tasks]))
+        columns += self._baseline_columns(report, tasks)
         columns += [("PM equal", equal.tolist()), ("PM one-hot", own.tolist())]
         header += "".join(f"{name:>13}" for name, _ in columns) + f"{'one-hot - equal':>17}"
         lines = ["", "Pareto Merging: test accuracy (%) per task", header, "-" * len(header)]

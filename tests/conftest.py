@@ -29,9 +29,16 @@ def suite():
     return SyntheticSuite(num_tasks=3, batch_size=8, num_batches=3)
 
 
-@pytest.fixture(scope="module")
+# A TinySuite recipe for tests of the build's mechanics (determinism, cache, concurrency), which do not need a suite
+# in CLIP's regime: it builds in a few seconds, so those tests can build it many times.
+SMALL_RECIPE = {"width": 32, "layers": 2, "embed_dim": 32, "text_width": 32, "pretrain_images": 1024,
+                "pretrain_steps": 60, "finetune_images": 256, "finetune_steps": 20}
+
+
+@pytest.fixture(scope="session")
 def fast_tiny(tmp_path_factory):
-    """The fast 3-task TinySuite, built once per test module into a temporary cache."""
+    """The fast 3-task TinySuite (in CLIP's regime, about 45 s to build), built once per test session into a
+    temporary cache. Tests that only exercise the build's mechanics use a smaller recipe of their own."""
     from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
 
     suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,

@@ -223,14 +223,15 @@ def fit_adamerging(suite, tmp_path, steps=100, **options):
     return model, suite.evaluate(model.at())
 
 
-@pytest.mark.parametrize("task, margin", [("colour", 0.1), ("stripes", 0.0)])
-def test_adamerging_with_a_one_hot_preference_raises_that_tasks_accuracy(fast_tiny, tmp_path, task, margin):
-    # Measured: colour 43.8% -> 90.6%, stripes 96.9% -> 98.4% (2 of 128 images). On this fast suite the entropy
-    # of `size` does not track its accuracy, and e_size lowers it (28.9% -> 23.4%); see the issue-4 note.
+def test_adamerging_with_a_one_hot_preference_raises_that_tasks_accuracy(fast_tiny, tmp_path):
+    # Measured (100 steps, lr 1e-2, fast suite): e_stripes raises stripes by +28.9 points on seed 0 (+8.6, +19.5 on
+    # seeds 1, 2). colour is at 100% already at the equal preference, and e_size moved size by -2.3, +40.6, +10.9
+    # points on seeds 0-2, so those two do not make a test that holds for the method rather than for one seed.
+    task = "stripes"
     _, plain = fit_adamerging(fast_tiny, tmp_path)
     preference = [1.0 if t == task else 0.0 for t in fast_tiny.tasks]
     _, focused = fit_adamerging(fast_tiny, tmp_path, preference=preference)
-    assert focused[task] > plain[task] + margin, (task, focused, plain)
+    assert focused[task] > plain[task] + 0.1, (task, focused, plain)
 
 
 def test_adamerging_plus_plus_and_its_checkpoint(fast_tiny, tmp_path):

@@ -61,47 +61,45 @@ FAST_CONFIG = ROOT / "tests" / "configs" / "tiny_fast.yaml"
 
 
 @pytest.mark.slow
-def test_the_main_job_on_the_fast_tiny_suite_prints_the_table_and_writes_a_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setenv("PARETOMERGE_CACHE", str(tmp_path / "cache"))  # inherited by run_cli's subprocess
+def test_the_main_job_on_the_fast_tiny_suite_prints_the_table_and_writes_a_checkpoint(fast_tiny, tmp_path,
+                                                                                     monkeypatch):
+    cache_root = fast_tiny.cache_path.parents[1]  # the session's fast suite, built once
+    monkeypatch.setenv("PARETOMERGE_CACHE", str(cache_root))  # inherited by run_cli's subprocess
     result = run_cli("fit", "--config", str(FAST_CONFIG), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "Pareto Merging: test accuracy (%) per task" in out
     header = next(line for line in out.splitlines() if line.startswith("task "))
-    for column in ("individual", "task arith.", "PM equal", "PM one-hot"):
+    for column in ("zero-shot", "individual", "task arith.", "PM equal", "PM one-hot"):
         assert column in header
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
             if line.split() and line.split()[0] in ("colour", "stripes", "size", "mean")}
     assert set(rows) == {"colour", "stripes", "size", "mean"}
     for values in rows.values():
         numbers = [float(v) for v in values]
-        assert len(numbers) == 5 and all(0 <= v <= 100 for v in numbers[:4])
+        assert len(numbers) == 6 and all(0 <= v <= 100 for v in numbers[:5])
     assert "hypervolume" in out and "front_test.csv" in out
     checkpoint = Path(next(line for line in out.splitlines() if line.startswith("Checkpoint: ")).split(": ", 1)[1])
     checkpoint = checkpoint if checkpoint.is_absolute() else tmp_path / checkpoint
     assert checkpoint.name == "last.ckpt" and checkpoint.exists()
-    assert (tmp_path / "cache" / "tiny").is_dir()
 
     # The printed 'PM equal' column is what at(equal) scores on the suite's test split.
-    from paretomerge.suites import TinySuite
+    from paretomerge.suites import FAST_RECIPE, TinySuite
 
     model = ParetoMerging.load_from_checkpoint(checkpoint)
     suite = TinySuite(tasks=["colour", "stripes", "size"], test_images=128, val_images=64, batch_size=8,
-                      progress=False, cache_dir=str(tmp_path / "cache"),
-                      recipe={"width": 32, "layers": 2, "output_dim": 32, "pretext_images": 1024,
-                              "pretext_steps": 120, "finetune_images": 512, "finetune_steps": 80,
-                              "finetune_lr": 0.001})
+                      progress=False, cache_dir=str(cache_root), recipe=FAST_RECIPE)
     equal = suite.evaluate(model.at([1, 1, 1]))
     for task in ("colour", "stripes", "size"):
-        assert float(rows[task][2]) == pytest.approx(100 * equal[task], abs=0.051)
+        assert float(rows[task][3]) == pytest.approx(100 * equal[task], abs=0.051)
 
 
 @pytest.mark.slow
-def test_the_adamerging_config_fits_and_summarises_one_model(tmp_path, monkeypatch):
+def test_the_adamerging_config_fits_and_summarises_one_model(fast_tiny, tmp_path, monkeypatch):
     from paretomerge import AdaMerging
     from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
 
-    monkeypatch.setenv("PARETOMERGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PARETOMERGE_CACHE", str(fast_tiny.cache_path.parents[1]))
     recipe = "{" + ", ".join(f"{k}: {v}" for k, v in FAST_RECIPE.items()) + "}"
     result = run_cli("fit", "--config", str(ROOT / "configs" / "tiny_adamerging.yaml"),
                      "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.accelerator", "cpu",
@@ -140,8 +138,8 @@ def accuracy_val(model, suite, task: str) -> float:
 
 
 @pytest.mark.slow
-def test_the_map_config_adds_the_map_baseline_to_a_fit(tmp_path, monkeypatch):
-    monkeypatch.setenv("PARETOMERGE_CACHE", str(tmp_path / "cache"))
+def test_the_map_config_adds_the_map_baseline_to_a_fit(fast_tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARETOMERGE_CACHE", str(fast_tiny.cache_path.parents[1]))
     result = run_cli("fit", "--config", str(FAST_CONFIG), "--config", str(ROOT / "configs" / "map.yaml"),
                      "--trainer.max_steps", "4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -26,8 +26,8 @@ def read(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_quick_comparison_writes_all_three_tables(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("PARETOMERGE_CACHE", str(tmp_path / "cache"))
+def test_quick_comparison_writes_all_three_tables(fast_tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PARETOMERGE_CACHE", str(fast_tiny.cache_path.parents[1]))  # the session's fast suite
     out = tmp_path / "out"
     load_script().main(["--quick", "--out", str(out)])
     for name in ("table_a", "table_b", "table_c", "compare"):
@@ -36,7 +36,7 @@ def test_quick_comparison_writes_all_three_tables(tmp_path, monkeypatch, capsys)
 
     table_a = {row["method"]: row for row in read(out / "table_a.csv")}
     assert list(table_a) == [
-        "individual", "pretrained θ0", "weight averaging", "Task Arithmetic", "TIES", "DARE-TA", "DARE-TIES",
+        "individual", "zero-shot θ0", "weight averaging", "Task Arithmetic", "TIES", "DARE-TA", "DARE-TIES",
         "AdaMerging (task-wise)", "AdaMerging (layer-wise)", "AdaMerging++", "Pareto Merging (equal pref.)",
         "Pareto Merging++ (equal pref.)",
     ]

@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from paretomerge import AdaMerging, ParetoMerging
 from paretomerge.preferences import sample_dirichlet
 from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
+from tests.conftest import SMALL_RECIPE
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -121,7 +122,7 @@ def _build_concurrently(cache_dir: str, out: str, barrier) -> None:
         return build(self)
 
     TinySuite._build = counted_build
-    suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,
+    suite = TinySuite(tasks=list(FAST_TASKS), recipe=SMALL_RECIPE, test_images=128, val_images=64, batch_size=8,
                       progress=False, cache_dir=cache_dir)
     barrier.wait()  # both processes find the cache empty at the same moment
     tv = suite.task_vectors()
@@ -145,12 +146,12 @@ def test_processes_starting_at_once_build_the_suite_once(tmp_path):
     assert len(weights) == 2 and weights[0] == weights[1]  # the waiting process read what the builder wrote
 
 
-def test_ddp_config_through_the_cli(tmp_path):
+def test_ddp_config_through_the_cli(pareto_fit, cache, tmp_path):
     """configs/ddp.yaml on top of a fit config: 2 CPU processes, gloo, every tiny config callback included."""
     command = [sys.executable, "-m", "paretomerge.cli", "fit", "--config", str(ROOT / "tests/configs/tiny_fast.yaml"),
                "--config", str(ROOT / "configs/ddp.yaml"), "--trainer.devices", "2", "--trainer.accelerator", "cpu",
                "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-               "--data.init_args.cache_dir", str(tmp_path / "cache")]
+               "--data.init_args.cache_dir", str(cache)]  # the suite the first fit built
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "Starting with 2 processes" in result.stdout + result.stderr
