@@ -26,6 +26,7 @@ def test_python_examples_run(fast_tiny, tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "example" / "last.ckpt").exists()
     assert namespace["logits"].shape == (4, 3)
     assert namespace["model"].preference_tensor.num_parameters() > 0
+    assert "warmth" in namespace["chosen"].model.heads  # the unseen-task example's model reads the new task
     assert namespace["net"].task_names == ("colour", "stripes", "size")  # the export example's model
 
 

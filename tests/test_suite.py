@@ -366,6 +366,7 @@ def test_an_unseen_task_has_a_head_and_no_task_vector_and_selection_runs_on_it(b
     _, groups, _ = UNSEEN["warmth"]
     assert torch.equal(warmth.images, colour.images)
     assert torch.equal(warmth.labels, torch.tensor(groups)[colour.factors["colour"]])
+    assert built.unseen("warmth").images is warmth.images  # rendered once, not on every call
     model = ParetoMerging(rank=4, seed=0)
     make_trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(model, datamodule=built)
     chosen = select_for_unseen_task(model, warmth.images, warmth.head, task="warmth", num_preferences=6,

@@ -127,7 +127,7 @@ class TinySuite(LightningDataModule):
         self.unseen_tasks = tuple(unseen_tasks)
         self._loaded: tuple[TaskVectors, dict[str, nn.Module], dict[str, Any]] | None = None
         self._clip: TinyCLIP | None = None
-        self._splits: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
+        self._splits: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}  # (task, split) -> (images, labels)
 
     # ------------------------------------------------------------------ identity and cache
     @property
@@ -232,14 +232,15 @@ class TinySuite(LightningDataModule):
 
     def _report(self, tv: TaskVectors, unseen: dict[str, nn.Module], build_seconds: float) -> dict[str, Any]:
         num_tasks = len(self.tasks)
-        backbone = tv.backbone.eval()
+        backbone, heads = tv.backbone.eval(), {**tv.heads, **unseen}
+        theta0 = task_wise(tv, [0.0] * num_tasks)
 
         def accuracy(params: dict[str, Tensor], tasks: Sequence[str] | None = None) -> dict[str, float]:
-            return self._accuracies(lambda x, t: tv.heads[t](forward_features(backbone, params, x)), tasks=tasks)
+            return self._accuracies(lambda x, t: heads[t](forward_features(backbone, params, x)), tasks=tasks)
 
         one_hot = np.eye(num_tasks).tolist()
         columns = {  # θ0 alone (zero-shot), θ0 + τ_k, and the static merges of SPEC §5
-            "zero_shot_accuracy": accuracy(task_wise(tv, [0.0] * num_tasks)),
+            "zero_shot_accuracy": accuracy(theta0),
             "individual_accuracy": {t: accuracy(task_wise(tv, one_hot[k]), [t])[t] for k, t in enumerate(self.tasks)},
             "task_arithmetic_accuracy": accuracy(static_merge("task_arithmetic", tv)),
             "ties_accuracy": accuracy(static_merge("ties", tv)),
@@ -250,10 +251,8 @@ class TinySuite(LightningDataModule):
         per_task = {t: {column: values[t] for column, values in columns.items()} | {"num_classes": len(FACTORS[t])}
                     for t in self.tasks}
         mean = {column: float(np.mean(list(values.values()))) for column, values in columns.items()}
-        with torch.no_grad():
-            unseen_rows = {t: {"zero_shot_accuracy": top1_accuracy(
-                lambda x, t=t: unseen[t](backbone(x)), self._batches(*self._unseen_split(t, "test")),
-                len(class_names(t))), "num_classes": len(class_names(t))} for t in self.unseen_tasks}
+        unseen_rows = {t: {"zero_shot_accuracy": value, "num_classes": len(class_names(t))}
+                       for t, value in accuracy(theta0, self.unseen_tasks).items()}
         return {"tasks": per_task, "mean": mean, "unseen_tasks": unseen_rows, "build_seconds": build_seconds,
                 "config": self.config}
 
@@ -274,7 +273,7 @@ class TinySuite(LightningDataModule):
         labels are what `select_for_unseen_task` scores preferences on."""
         if task not in self.unseen_tasks:
             raise KeyError(f"{task!r} is not an unseen task of this suite; it has {list(self.unseen_tasks)}")
-        images, labels = self._unseen_split(task, split)
+        images, labels = self._task_split(task, split)
         return UnseenTask(images, labels, self._load()[1][task])
 
     def evaluate(self, net: nn.Module, split: str = "test", tasks: Sequence[str] | None = None) -> dict[str, float]:
@@ -286,17 +285,14 @@ class TinySuite(LightningDataModule):
             raise KeyError(f"unknown task(s) {unknown}; this suite has {list(self.tasks)} and unseen "
                            f"{list(self.unseen_tasks)}")
         device = next(net.parameters()).device
-        return self._accuracies(lambda x, t: net(x.to(device), task=t), split, tasks)
+        return self._accuracies(lambda x, t: net(x.to(device), task=t), split, tasks or None)
 
     def _accuracies(self, predict: Callable[[Tensor, str], Tensor], split: str = "test",
                     tasks: Sequence[str] | None = None) -> dict[str, float]:
         """Top-1 accuracy per task (torchmetrics, as the modules log it) of ``predict(images, task) -> logits``."""
-        out = {}
-        for task in tasks or self.tasks:
-            images, labels = self._unseen_split(task, split) if task in self.unseen_tasks else self._split(split)[task]
-            out[task] = top1_accuracy(lambda x, task=task: predict(x, task), self._batches(images, labels),
-                                      len(class_names(task)))
-        return out
+        return {task: top1_accuracy(lambda x, task=task: predict(x, task),
+                                    self._batches(*self._task_split(task, split)), len(class_names(task)))
+                for task in (self.tasks if tasks is None else tasks)}
 
     def _batches(self, images: Tensor, labels: Tensor):
         size = self.hparams.eval_batch_size
@@ -308,23 +304,24 @@ class TinySuite(LightningDataModule):
 
     def _split(self, split: str) -> dict[str, tuple[Tensor, Tensor]]:
         """task -> (images, labels) of the merged tasks' labeled ``test`` or ``val`` split, each task's own dataset."""
-        if split not in ("test", "val"):
-            raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-        if split not in self._splits:
-            size = self.hparams.test_images if split == "test" else self.hparams.val_images
-            rendered = {t: render_task(t, size, derive_seed(self.hparams.seed, t, split)) for t in self.tasks}
-            self._splits[split] = {t: (r.images, r.factors[t]) for t, r in rendered.items()}
-        return self._splits[split]
+        return {t: self._task_split(t, split) for t in self.tasks}
 
-    def _unseen_split(self, task: str, split: str) -> tuple[Tensor, Tensor]:
-        """(images, labels) of an unseen task: its factor's dataset, with the coarse labels for a relabelling."""
+    def _task_split(self, task: str, split: str) -> tuple[Tensor, Tensor]:
+        """(images, labels) of one task's labeled ``test`` or ``val`` split, rendered once. A merged task's images are
+        its dataset; an unseen task's are its factor's dataset, with the coarse labels for a relabelling."""
         if split not in ("test", "val"):
             raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-        factor, groups, _ = UNSEEN.get(task, (task, None, None))
-        size = self.hparams.test_images if split == "test" else self.hparams.val_images
-        rendered = render_task(factor, size, derive_seed(self.hparams.seed, task, "unseen", split))
-        labels = rendered.factors[factor]
-        return rendered.images, labels if groups is None else torch.tensor(groups)[labels]
+        if (task, split) not in self._splits:
+            size = self.hparams.test_images if split == "test" else self.hparams.val_images
+            if task in self.tasks:
+                rendered = render_task(task, size, derive_seed(self.hparams.seed, task, split))
+                labels = rendered.factors[task]
+            else:
+                factor, groups, _ = UNSEEN.get(task, (task, None, None))
+                rendered = render_task(factor, size, derive_seed(self.hparams.seed, task, "unseen", split))
+                labels = rendered.factors[factor] if groups is None else torch.tensor(groups)[rendered.factors[factor]]
+            self._splits[task, split] = (rendered.images, labels)
+        return self._splits[task, split]
 
     # ------------------------------------------------------------------ Lightning's loaders
     def train_dataloader(self) -> CombinedLoader:
@@ -356,13 +353,14 @@ def _check_recipe(overrides: dict[str, Any] | None) -> Recipe:
     if bad:
         raise ValueError(f"unknown recipe key(s) {bad}; known: {sorted(known)}")
     recipe = replace(Recipe(), **(overrides or {}))
+    per_factor = {"finetune_effort": (lambda v: v > 0, "positive numbers"),
+                  "mention": (lambda v: 0 <= v <= 1, "probabilities")}
     for f in fields(Recipe):
         value = getattr(recipe, f.name)
-        if f.name in ("finetune_effort", "mention"):
-            low, high = (0, float("inf")) if f.name == "finetune_effort" else (-1e-12, 1)
-            what = "positive numbers" if f.name == "finetune_effort" else "probabilities"
+        if f.name in per_factor:
+            valid, what = per_factor[f.name]
             if not isinstance(value, dict) or any(k not in FACTORS or isinstance(v, bool) or not isinstance(
-                    v, (int, float)) or not low < v <= high for k, v in value.items()):
+                    v, (int, float)) or not valid(v) for k, v in value.items()):
                 raise ValueError(f"recipe {f.name} must map factors of {list(FACTORS)} to {what}, got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
                 or (f.type == "int" and not isinstance(value, int)):
