@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from paretomerge.front import evaluate_front, summary_preferences
+from paretomerge.front import evaluate_front, static_front, summary_preferences
 from paretomerge.pareto import hypervolume, non_dominated
 from paretomerge.plotting import write_front_csv
 
@@ -39,6 +39,7 @@ class FitSummary(L.Callback):
         self.seed = seed
         self.front: torch.Tensor | None = None  # Acc [P, K] of the last fit
         self.preferences: torch.Tensor | None = None
+        self.reference_front: torch.Tensor | None = None  # Task Arithmetic + preference, Acc [P, K]
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._summarise(trainer, pl_module)
@@ -60,6 +61,10 @@ class FitSummary(L.Callback):
         individual = [report["tasks"][t]["individual_accuracy"] for t in tasks] if report else None
         hv = hypervolume(self.front)
         hv_normalised = hypervolume(self.front, individual) if individual else None
+        self.reference_front = None
+        if pl_module.task_vectors.has_task_vectors:  # Task Arithmetic + preference on the same preferences
+            self.reference_front = static_front("task_arithmetic_preference", pl_module.task_vectors, datamodule,
+                                                self.preferences)
         log_dir = run_directory(trainer)
         write_front_csv(log_dir / "front_test.csv", self.front.numpy(), self.preferences.numpy(), tasks)
         if trainer.logger is not None:
@@ -74,7 +79,7 @@ class FitSummary(L.Callback):
         """Zero-shot θ0, the fine-tuned models and Task Arithmetic, from the suite's build report when it has them."""
         columns = []
         for name, key in (("zero-shot", "zero_shot_accuracy"), ("individual", "individual_accuracy"),
-                          ("task arith.", "task_arithmetic_accuracy")):
+                          ("task arith.", "task_arithmetic_accuracy"), ("TIES", "ties_accuracy")):
             if report and all(key in report["tasks"][t] for t in tasks):
                 columns.append((name, [report["tasks"][t][key] for t in tasks]))
         return columns
@@ -102,6 +107,7 @@ class FitSummary(L.Callback):
     def _table(self, tasks: list[str], report: dict | None, hv: float, hv_normalised: float | None,
                trainer: L.Trainer, log_dir: Path) -> str:
         front, num_tasks = self.front, len(tasks)
+        individual = [report["tasks"][t]["individual_accuracy"] for t in tasks] if report else None
         equal = front[0]
         own = torch.stack([front[1 + k, k] for k in range(num_tasks)])  # task k at the one-hot e_k
         header = f"{'task':<12}"
@@ -109,7 +115,11 @@ class FitSummary(L.Callback):
         columns += self._baseline_columns(report, tasks)
         columns += [("PM equal", equal.tolist()), ("PM one-hot", own.tolist())]
         header += "".join(f"{name:>13}" for name, _ in columns) + f"{'one-hot - equal':>17}"
-        lines = ["", "Pareto Merging: test accuracy (%) per task", header, "-" * len(header)]
+        hp = getattr(trainer.lightning_module, "hparams", {})
+        parts = ["preference-conditioned coefficients"] if hp.get("preference_coefficients") else []
+        parts += [f"diversity term β_div={hp['beta_div']:g}"] if hp.get("beta_div", 0) > 0 else []
+        kind = f"ours ({', '.join(parts)})" if parts else "the paper's configuration"
+        lines = ["", f"Pareto Merging, {kind}: test accuracy (%) per task", header, "-" * len(header)]
         for k, task in enumerate(tasks):
             lines.append(f"{task:<12}" + "".join(f"{100 * values[k]:>13.1f}" for _, values in columns)
                          + f"{100 * (own[k] - equal[k]):>+17.1f}")
@@ -126,6 +136,11 @@ class FitSummary(L.Callback):
             f"{hv:.4f}" + (f", normalised by individual accuracy {hv_normalised:.4f}" if hv_normalised else "")
             + f". Every point: {log_dir / 'front_test.csv'}",
         ]
+        if self.reference_front is not None:
+            reference = self.reference_front
+            lines.append(f"Task Arithmetic + preference (θ0 + 0.3·K·Σ_k γ_k τ_k) on the same preferences: hypervolume "
+                         f"{hypervolume(reference):.4f}" + (f", normalised {hypervolume(reference, individual):.4f}"
+                                                            if individual else ""))
         checkpoint = trainer.checkpoint_callback
         path = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
         if path:

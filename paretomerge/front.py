@@ -45,6 +45,16 @@ def evaluate_front(module: Any, datamodule: Any, preferences: torch.Tensor, prog
     return torch.tensor(rows, dtype=torch.float64)
 
 
+def static_front(name: str, task_vectors: TaskVectors, datamodule: Any, preferences: torch.Tensor,
+                 split: str = "test", **options: Any) -> torch.Tensor:
+    """``Acc [P, K]`` of a preference-taking static merge (``task_arithmetic_preference``) at each preference row."""
+    rows = []
+    for p in preferences:
+        accuracy = datamodule.evaluate(static_model(name, task_vectors, preference=p, **options), split=split)
+        rows.append([accuracy[t] for t in task_vectors.task_names])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
 def individual_accuracy(task_vectors: TaskVectors, datamodule: Any, split: str = "test") -> np.ndarray:
     """``[K]``: each fine-tuned model θ0 + τ_k on its own task k."""
     values = []

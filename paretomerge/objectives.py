@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -40,3 +41,11 @@ def frobenius_penalty(tensors: Iterable[Tensor]) -> Tensor:
     """Σ ‖T‖_F² over the given tensors."""
     terms = [t.pow(2).sum() for t in tensors]
     return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def marginal_divergence(logits: Tensor) -> Tensor:
+    """KL(p̄ ‖ uniform) = log C − H(p̄), with p̄ the batch's mean prediction: 0 when the batch's predictions are spread
+    evenly over the C classes, log C when every input is given the same class. The diversity half of information
+    maximisation; as a penalty it keeps entropy minimisation from collapsing a task onto one confident class."""
+    log_mean = torch.logsumexp(F.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
+    return math.log(logits.shape[-1]) + (log_mean.exp() * log_mean).sum()

@@ -68,17 +68,19 @@ def test_the_main_job_on_the_fast_tiny_suite_prints_the_table_and_writes_a_check
     result = run_cli("fit", "--config", str(FAST_CONFIG), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "Pareto Merging: test accuracy (%) per task" in out
+    assert "Pareto Merging, ours (preference-conditioned coefficients, diversity term β_div=0.1): test accuracy (%) " \
+           "per task" in out
     header = next(line for line in out.splitlines() if line.startswith("task "))
-    for column in ("zero-shot", "individual", "task arith.", "PM equal", "PM one-hot"):
+    for column in ("zero-shot", "individual", "task arith.", "TIES", "PM equal", "PM one-hot"):
         assert column in header
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
             if line.split() and line.split()[0] in ("colour", "stripes", "size", "mean")}
     assert set(rows) == {"colour", "stripes", "size", "mean"}
     for values in rows.values():
         numbers = [float(v) for v in values]
-        assert len(numbers) == 6 and all(0 <= v <= 100 for v in numbers[:5])
+        assert len(numbers) == 7 and all(0 <= v <= 100 for v in numbers[:6])
     assert "hypervolume" in out and "front_test.csv" in out
+    assert "Task Arithmetic + preference (θ0 + 0.3·K·Σ_k γ_k τ_k) on the same preferences: hypervolume" in out
     checkpoint = Path(next(line for line in out.splitlines() if line.startswith("Checkpoint: ")).split(": ", 1)[1])
     checkpoint = checkpoint if checkpoint.is_absolute() else tmp_path / checkpoint
     assert checkpoint.name == "last.ckpt" and checkpoint.exists()
@@ -91,7 +93,7 @@ def test_the_main_job_on_the_fast_tiny_suite_prints_the_table_and_writes_a_check
                       progress=False, cache_dir=str(cache_root), recipe=FAST_RECIPE)
     equal = suite.evaluate(model.at([1, 1, 1]))
     for task in ("colour", "stripes", "size"):
-        assert float(rows[task][3]) == pytest.approx(100 * equal[task], abs=0.051)
+        assert float(rows[task][4]) == pytest.approx(100 * equal[task], abs=0.051)
 
 
 @pytest.mark.slow
@@ -143,7 +145,7 @@ def test_the_map_config_adds_the_map_baseline_to_a_fit(fast_tiny, tmp_path, monk
     result = run_cli("fit", "--config", str(FAST_CONFIG), "--config", str(ROOT / "configs" / "map.yaml"),
                      "--trainer.max_steps", "4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Pareto Merging: test accuracy (%) per task" in result.stdout  # FitSummary is still there
+    assert "test accuracy (%) per task" in result.stdout and "PM equal" in result.stdout  # FitSummary is still there
     line = next(line for line in result.stdout.splitlines() if line.startswith("MAP (plain, "))
     assert line.startswith("MAP (plain, 150 real evaluations")  # the paper's 50 points for K = 3, on 3 tasks
     assert "win_rate_module_vs_map" in line

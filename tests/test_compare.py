@@ -37,8 +37,9 @@ def test_quick_comparison_writes_all_three_tables(fast_tiny, tmp_path, monkeypat
     table_a = {row["method"]: row for row in read(out / "table_a.csv")}
     assert list(table_a) == [
         "individual", "zero-shot θ0", "weight averaging", "Task Arithmetic", "TIES", "DARE-TA", "DARE-TIES",
-        "AdaMerging (task-wise)", "AdaMerging (layer-wise)", "AdaMerging++", "Pareto Merging (equal pref.)",
-        "Pareto Merging++ (equal pref.)",
+        "AdaMerging (task-wise)", "AdaMerging (layer-wise)", "AdaMerging++", "Pareto Merging (ours) (equal pref.)",
+        "Pareto Merging++ (ours) (equal pref.)", "Pareto Merging (paper) (equal pref.)",
+        "Pareto Merging++ (paper) (equal pref.)",
     ]
     # Rows built through the static registry agree with the suite's own build report.
     report = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from paretomerge import CheckpointError, ParetoMerging
+from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION as PAPER
 from paretomerge.preferences import sample_dirichlet
 from tests.conftest import make_trainer
 from tests.synthetic import SyntheticSuite, make_task_vectors
@@ -41,13 +43,14 @@ def test_fit_trains_only_lambda_and_the_preference_tensor(tmp_path, suite):
     assert float(model.lambdas.min()) >= 0.0 and float(model.lambdas.max()) <= 1.0
     for old, new in zip(before, snapshot(tv), strict=True):
         assert all(torch.equal(old[k], new[k]) for k in old), "a frozen tensor changed"
+    assert float(model.omega.abs().max()) > 0, "ω (the preference-conditioned coefficients) stayed zero"
     keys = set(model.state_dict())
-    assert keys == {"lambdas"} | {f"preference_tensor.{p}.{i}" for p in "GAB" for i in range(4)}
+    assert keys == {"lambdas", "omega"} | {f"preference_tensor.{p}.{i}" for p in "GAB" for i in range(4)}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == keys
 
 
-def test_gradients_reach_lambda_g_a_b_and_nothing_else(task_vectors):
+def test_gradients_reach_lambda_omega_g_a_b_and_nothing_else(task_vectors):
     model = ParetoMerging(task_vectors=task_vectors, rank=4)
     with torch.no_grad():
         model.preference_tensor.G[0].normal_()  # with G = 0, A and B get no gradient yet
@@ -55,6 +58,7 @@ def test_gradients_reach_lambda_g_a_b_and_nothing_else(task_vectors):
     logits = model(batch, torch.tensor([0.2, 0.3, 0.5]))
     sum(v.pow(2).mean() for v in logits.values()).backward()
     assert model.lambdas.grad is not None and float(model.lambdas.grad.abs().max()) > 0
+    assert model.omega.grad is not None and float(model.omega.grad.abs().max()) > 0
     pt = model.preference_tensor
     assert float(pt.G[0].grad.abs().max()) > 0 and float(pt.A[0].grad.abs().max()) > 0
     assert float(pt.B[0].grad.abs().max()) > 0
@@ -176,14 +180,20 @@ def test_checkpoint_round_trip_in_a_fresh_process_gives_identical_outputs(tmp_pa
             assert torch.equal(child[str(pref)][task], net(images, task=task)), (pref, task)
 
 
-@pytest.mark.parametrize("num_tasks", [2, 8])
-def test_checkpoint_size_does_not_grow_with_the_number_of_tasks(tmp_path, num_tasks):
+def fit_and_save(tmp_path, num_tasks: int, steps: int, **options):
+    """A ParetoMerging fitted on a width-64 synthetic suite and saved; returns the model, suite and .ckpt path."""
     suite = SyntheticSuite(num_tasks=num_tasks, batch_size=4, num_batches=1, width=64)
-    model = ParetoMerging(rank=4)
-    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    model = ParetoMerging(rank=4, **options)
+    trainer = make_trainer(tmp_path, max_steps=steps, limit_val_batches=0)
     trainer.fit(model, datamodule=suite)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
+    return model, suite, path
+
+
+@pytest.mark.parametrize("num_tasks", [2, 8])
+def test_the_paper_models_checkpoint_size_does_not_grow_with_the_number_of_tasks(tmp_path, num_tasks):
+    _, suite, path = fit_and_save(tmp_path, num_tasks, steps=1, **PAPER)
     tv = suite.task_vectors()
     theta0_and_heads = sum(t.numel() * t.element_size() for t in tv.backbone.state_dict().values())
     theta0_and_heads += sum(t.numel() * t.element_size() for t in tv.heads.state_dict().values())
@@ -191,8 +201,26 @@ def test_checkpoint_size_does_not_grow_with_the_number_of_tasks(tmp_path, num_ta
     assert size < 1.5 * theta0_and_heads, (size, theta0_and_heads)
     assert tv.nbytes() > 0
     checkpoint = torch.load(path, weights_only=True)
-    assert "tau" not in str(list(checkpoint["paretomerge"]))
+    assert "tau" not in str(list(checkpoint["paretomerge"])) and "basis" not in checkpoint["paretomerge"]
     assert set(checkpoint["paretomerge"]["base"]) == set(tv.backbone.state_dict())
+
+
+def test_with_preference_conditioned_coefficients_the_checkpoint_keeps_the_task_vectors(tmp_path):
+    """The stated cost of ours: at(γ) needs τ, so the .ckpt holds 1 + K backbones' worth of merged layers."""
+    num_tasks = 4
+    model, suite, path = fit_and_save(tmp_path, num_tasks, steps=2)
+    tv = suite.task_vectors()
+    backbone = sum(t.numel() * t.element_size() for t in tv.backbone.state_dict().values())
+    assert (1 + num_tasks) * backbone < path.stat().st_size < (1 + num_tasks) * backbone * 1.3
+    section = torch.load(path, weights_only=True)["paretomerge"]
+    assert all(torch.equal(section["basis"][n], tv.tau[n]) for n in tv.layer_names)
+    loaded = ParetoMerging.load_from_checkpoint(path)
+    assert not loaded.task_vectors.has_task_vectors  # the base and the basis, not θ0 and τ
+    images = torch.randn(5, 3, 16, 16)
+    for pref in ([1, 0, 0, 0], [0.1, 0.2, 0.3, 0.4]):
+        ours, theirs = model.at(pref), loaded.at(pref)
+        for task in tv.task_names:
+            torch.testing.assert_close(theirs(images, task=task), ours(images, task=task), rtol=1e-5, atol=1e-5)
 
 
 def test_validation_accuracy_is_top1_of_the_merged_model(tmp_path, suite):
@@ -228,8 +256,69 @@ def test_gamma_is_drawn_per_global_step_and_rank(tmp_path, monkeypatch):
         assert torch.equal(got, want)
 
 
-def test_objective_matches_a_hand_computation(task_vectors):
-    model = ParetoMerging(task_vectors=task_vectors, rank=4, mu=0.3, beta_cos=0.7, beta_frob=2.0)
+def test_the_paper_configuration_is_spec_section_3_objective_and_model(task_vectors):
+    """configs/pareto_merging_paper.yaml's model options: SPEC §3's loss by hand, and λ independent of γ."""
+    options = yaml.safe_load((ROOT / "configs" / "pareto_merging_paper.yaml").read_text())["model"]["init_args"]
+    assert options == PAPER
+    model = ParetoMerging(task_vectors=task_vectors, rank=4, mu=0.3, beta_cos=0.7, beta_frob=2.0, **options)
+    assert model.omega is None and not model.preference_conditioned
+    assert all(model.coefficients(torch.tensor(g)) is model.lambdas for g in ([1.0, 0, 0], [0.2, 0.3, 0.5]))
+    with torch.no_grad():
+        model.lambdas.uniform_(0.1, 0.9)
+        for g in model.preference_tensor.G:
+            g.normal_()
+        one, other = model.merged_parameters(torch.tensor([1.0, 0, 0])), model.merged_parameters(torch.tensor(
+            [0.2, 0.3, 0.5]))
+    changed = {n for n in one if not torch.equal(one[n], other[n])}
+    assert changed == set(model.preference_tensor.names)  # γ reaches the weights only through Δ(γ)
+    check_objective_by_hand(model)
+
+
+def test_the_diversity_term_by_hand(task_vectors):
+    model = ParetoMerging(task_vectors=task_vectors, rank=4, mu=0.3, beta_cos=0.7, beta_frob=2.0, beta_div=0.4)
+    logits = {"task0": torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), "task1": torch.zeros(2, 4),
+              "task2": torch.tensor([[0.0, 0.0, 0.0, 0.0, 9.0], [0.0, 0.0, 0.0, 0.0, 9.0]])}
+    parts = model.objective(logits, torch.tensor([0.5, 0.3, 0.2]))
+    div = 0.0
+    for rows in logits.values():
+        p = torch.softmax(rows.double(), -1).mean(0)
+        div += float((p * (p * p.numel()).log()).sum())  # KL(p̄ ‖ uniform)
+    assert float(parts["div"]) == pytest.approx(div, rel=1e-5)
+    assert float(parts["div"]) > 0.5  # task2 predicts one class for every input
+    rest = float(parts["stch"] - 0.7 * parts["cos"] + 2.0 * parts["frob"])
+    assert float(parts["loss"]) == pytest.approx(rest + 0.4 * div, rel=1e-5)
+
+
+def test_preference_conditioned_coefficients_by_hand(task_vectors):
+    """θ(γ) = θ0 + Σ_k c_k(γ) τ_k + Δ(γ) with c(γ) = clamp(λ + ω ⊙ (Kγ − 1), [0, 1]) computed here."""
+    model = ParetoMerging(task_vectors=task_vectors, rank=4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.lambdas.uniform_(0.0, 1.0)
+        model.omega.normal_(std=0.3)  # some coefficients land outside [0, 1] and are clamped
+        for g in model.preference_tensor.G:
+            g.normal_()
+    gamma = torch.tensor([0.6, 0.1, 0.3])
+    lam, om = model.lambdas.detach(), model.omega.detach()
+    c = [[min(max(lam[l, k].item() + om[l, k].item() * (3 * gamma[k].item() - 1), 0.0), 1.0) for k in range(3)]
+         for l in range(lam.shape[0])]
+    assert any(v in (0.0, 1.0) for row in c for v in row)
+    delta = model.preference_tensor.delta(gamma)
+    for grad in (True, False):  # the training path (θ0 + Στ) and the cached-base path (base + Σ(c − λ)τ)
+        with torch.set_grad_enabled(grad):
+            merged = model.merged_parameters(gamma)
+        for l, name in enumerate(task_vectors.layer_names):
+            expected = task_vectors.theta0[name] + sum(c[l][k] * task_vectors.tau[name][k] for k in range(3))
+            if name in delta:
+                expected = expected + delta[name].detach()
+            torch.testing.assert_close(merged[name].detach(), expected, rtol=1e-5, atol=1e-6)
+    equal = model.merged_parameters(torch.full((3,), 1 / 3))
+    base = model.base_parameters()
+    assert all(torch.allclose(equal[n], base[n] + delta_at_equal, atol=1e-6)
+               for n, delta_at_equal in model.preference_tensor.delta(torch.full((3,), 1 / 3)).items())
+
+
+def check_objective_by_hand(model):
     with torch.no_grad():
         for g in model.preference_tensor.G:
             g.fill_(0.5)
@@ -291,3 +380,20 @@ def test_task_vectors_follow_the_module_dtype_and_bf16_true_trains(tmp_path, sui
     assert model.lambdas.dtype == torch.bfloat16
     assert model.task_vectors.backbone.conv1.weight.dtype == torch.bfloat16
     assert float((model.lambdas.float() - 0.3).abs().max()) > 0
+
+
+def test_a_checkpoint_from_before_preference_conditioned_coefficients_loads_as_the_paper_model(tmp_path, suite):
+    model = ParetoMerging(rank=4, **PAPER)
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=suite)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    for key in PAPER:  # what an earlier paretomerge wrote: no such hyperparameters
+        del checkpoint["hyper_parameters"][key]
+    torch.save(checkpoint, path)
+    loaded = ParetoMerging.load_from_checkpoint(path)
+    assert loaded.omega is None and loaded.hparams.beta_div == 0.0
+    images = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(loaded.at([0.2, 0.3, 0.5])(images, task="task1"),
+                               model.at([0.2, 0.3, 0.5])(images, task="task1"))

@@ -85,6 +85,25 @@ def _coefficient_rows(coefficients: Tensor, num_layers: int, num_tasks: int) -> 
     return coefficients
 
 
+def preference_coefficients(
+    lambdas: Tensor, omega: Tensor, gamma: Tensor, bounds: tuple[float, float] | None = None
+) -> Tensor:
+    """Preference-conditioned task-vector coefficients (our extension of Pareto Merging, not the paper's):
+
+        c(γ) = clamp(λ + ω ⊙ (K·γ − 1), bounds)
+
+    ``lambdas``, ``omega``: ``[L, K]``; ``gamma``: ``[K]`` or ``[M, K]``. Returns ``[L, K]`` or ``[M, L, K]``, the
+    ``coefficients`` of `merge`. At the equal preference K·γ − 1 = 0, so c = λ (clamped); at the one-hot e_k task k's
+    coefficient moves by (K−1)·ω[:, k] and every other task's by −ω[:, j]. Linear in γ inside the bounds.
+    """
+    num_tasks = lambdas.shape[-1]
+    if gamma.shape[-1:] != (num_tasks,) or gamma.ndim not in (1, 2):
+        raise ValueError(f"gamma must be [K] or [M, K] with K={num_tasks}, got {tuple(gamma.shape)}")
+    shift = num_tasks * gamma.to(lambdas.dtype) - 1.0  # [K] or [M, K]
+    coefficients = lambdas + omega * shift.unsqueeze(-2)  # [L, K] or [M, L, K]
+    return coefficients if bounds is None else coefficients.clamp(*bounds)
+
+
 def merge(
     theta0: Mapping[str, Tensor],
     tau: Mapping[str, Tensor] | None = None,

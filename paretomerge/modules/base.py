@@ -66,6 +66,7 @@ class MergingModule(L.LightningModule):
         self.lambdas: nn.Parameter | None = None
         self.accuracy = nn.ModuleDict()
         self._base_cache: tuple[int, Tensor, dict[str, Tensor]] | None = None  # (id of τ, λ, base)
+        self._stored_basis: dict[str, Tensor] | None = None  # a .ckpt's τ, when the coefficients depend on γ
 
     # ------------------------------------------------------------------ task vectors and trainables
     def attach(self, task_vectors: TaskVectors) -> None:
@@ -92,6 +93,8 @@ class MergingModule(L.LightningModule):
         super()._apply(fn, recurse)
         if getattr(self, "task_vectors", None) is not None:
             self.task_vectors.apply_(fn)
+        if getattr(self, "_stored_basis", None) is not None:
+            self._stored_basis = {name: fn(t) for name, t in self._stored_basis.items()}
         return self
 
     def _build_trainable(self, tv: TaskVectors) -> None:
@@ -134,17 +137,45 @@ class MergingModule(L.LightningModule):
         """Preference-dependent additions to the merged weights; none in the base."""
         return None
 
-    def merged_parameters(self, gamma: Tensor | None) -> dict[str, Tensor]:
-        """θ(λ, γ) for every merged layer, through the one merge kernel.
+    def coefficients(self, gamma: Tensor | None) -> Tensor:
+        """The task-vector coefficients c(γ) ``[L, K]`` (``[M, L, K]`` for ``[M, K]`` preferences) that `merge`
+        takes: λ in the base; `ParetoMerging`'s preference-conditioned map where it is enabled."""
+        return self.lambdas
 
-        With gradients off (validation, ``at``, fronts), the base θ0 + Σλτ does not depend on γ: it is merged once
-        per value of λ (`base_parameters`) and only Δ(γ) is added per preference. The layers without a Δ are then
-        the cached tensors themselves: read them, do not modify them in place.
+    @property
+    def preference_conditioned(self) -> bool:
+        """Whether `coefficients` depends on γ (then ``at(γ)`` needs τ, or a `.ckpt`'s stored basis)."""
+        return False
+
+    def coefficient_basis(self) -> dict[str, Tensor] | None:
+        """What c(γ) − λ multiplies when the base θ0 + Σλτ is already merged: τ, or the basis a `.ckpt` stored (its
+        task vectors, as trained on); None when the coefficients do not depend on γ."""
+        if not self.preference_conditioned:
+            return None
+        tv = self._tv()
+        if tv.has_task_vectors:
+            return tv.tau
+        if self._stored_basis is None:
+            raise RuntimeError(f"{type(self).__name__} has preference-conditioned coefficients but neither task "
+                               "vectors nor a checkpoint's basis to apply them to")
+        return self._stored_basis
+
+    def merged_parameters(self, gamma: Tensor | None) -> dict[str, Tensor]:
+        """θ(c(γ), γ) for every merged layer, through the one merge kernel.
+
+        With gradients off (validation, ``at``, fronts), the base θ0 + Σλτ is merged once per value of λ
+        (`base_parameters`); per preference only Δ(γ) and, where the coefficients depend on γ, Σ_k (c_k(γ) − λ_k) τ_k
+        are added to it. Layers that nothing is added to are then the cached tensors themselves: read them, do not
+        modify them in place.
         """
         tv = self._tv()
+        deltas = self.deltas(gamma)
         if torch.is_grad_enabled() and tv.has_task_vectors:
-            return merge(tv.theta0, tv.tau, self.lambdas, self.deltas(gamma))
-        return merge(self.base_parameters(), None, None, self.deltas(gamma))  # a .ckpt's θ0 already holds Σλτ
+            return merge(tv.theta0, tv.tau, self.coefficients(gamma), deltas)
+        basis = self.coefficient_basis()  # a .ckpt's θ0 already holds Σλτ
+        if basis is None:
+            return merge(self.base_parameters(), None, None, deltas)
+        return merge(self.base_parameters(), basis, self.coefficients(gamma) - self.lambdas, deltas)
 
     def forward(self, batch: Mapping[str, Tensor], gamma: Tensor | None = None) -> dict[str, Tensor]:
         """Logits per task for ``batch`` (task -> images) under θ(λ, γ)."""
@@ -303,12 +334,13 @@ class MergingModule(L.LightningModule):
         return dict(self._base_cache[2])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[ckpt.SECTION] = ckpt.pack(self._tv(), self.base_parameters())
+        checkpoint[ckpt.SECTION] = ckpt.pack(self._tv(), self.base_parameters(), self.coefficient_basis())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         section = ckpt.section_of(checkpoint)
         if self.task_vectors is None:
             self.attach(ckpt.unpack(section))
+            self._stored_basis = ckpt.unpack_basis(section, self.task_vectors)
             return
         ckpt.check_compatible(ckpt.section_signature(section), self.task_vectors, "the checkpoint")
         lambdas = checkpoint.get("state_dict", {}).get("lambdas")

@@ -1,8 +1,10 @@
 """What a paretomerge `.ckpt` carries besides Lightning's own keys, and the checks made before trusting one.
 
-The ``"paretomerge"`` section holds the preference-independent base θ0 + Σλτ (the whole backbone
-state dict, with the merged layers replaced), the head weights, and how to rebuild both. It never holds
-the stacked task vectors, so its size does not grow with K.
+The ``"paretomerge"`` section holds the preference-independent base θ0 + Σλτ (the whole backbone state dict, with
+the merged layers replaced), the head weights, and how to rebuild both. For the paper's Pareto Merging (and AdaMerging)
+that is all ``at(γ)`` needs, and its size does not grow with K. With preference-conditioned coefficients (ours) the
+section also holds ``basis``, the stacked task vectors: ``at(γ)`` adds Σ_k (c_k(γ) − λ_k) τ_k to the base, which
+costs K more backbones of storage in τ's dtype (benchmarks/bench_checkpoint_size.py).
 """
 
 from __future__ import annotations
@@ -67,11 +69,14 @@ def inspect_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> No
     section_of(checkpoint)
 
 
-def pack(task_vectors: TaskVectors, base: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The section to store: ``base`` replaces the merged layers of the backbone's state dict."""
+def pack(task_vectors: TaskVectors, base: Mapping[str, Tensor],
+         basis: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
+    """The section to store: ``base`` replaces the merged layers of the backbone's state dict. ``basis`` (the task
+    vectors, name -> ``[K, *shape]``, stored in their own dtype) is kept when the model's coefficients depend on the
+    preference: ``at(γ)`` adds Σ_k (c_k(γ) − λ_k) τ_k to the base, so it cannot be rebuilt from the base alone."""
     state = {name: t.detach().cpu() for name, t in task_vectors.backbone.state_dict().items()}
     state.update({name: t.detach().cpu() for name, t in base.items()})
-    return {
+    section = {
         "format": FORMAT,
         "task_names": list(task_vectors.task_names),
         "layer_names": list(task_vectors.layer_names),
@@ -83,6 +88,9 @@ def pack(task_vectors: TaskVectors, base: Mapping[str, Tensor]) -> dict[str, Any
             for t in task_vectors.task_names
         },
     }
+    if basis is not None:
+        section["basis"] = {name: t.detach().cpu() for name, t in basis.items()}
+    return section
 
 
 def section_of(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -107,6 +115,19 @@ def unpack(section: Mapping[str, Any]) -> TaskVectors:
         )
     except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"cannot rebuild the model recorded in the checkpoint: {err}") from err
+
+
+def unpack_basis(section: Mapping[str, Any], task_vectors: TaskVectors) -> dict[str, Tensor] | None:
+    """The section's basis (None if it has none), checked against the rebuilt model and moved to its device."""
+    basis = section.get("basis")
+    if basis is None:
+        return None
+    layers, num_tasks = list(task_vectors.layer_names), task_vectors.num_tasks
+    theta0 = task_vectors.theta0
+    if sorted(basis) != sorted(layers) or any(
+            tuple(basis[n].shape) != (num_tasks, *theta0[n].shape) for n in layers):
+        raise CheckpointError("the checkpoint's basis (its task vectors) does not match its model's merged layers")
+    return {name: basis[name].to(task_vectors.device) for name in layers}
 
 
 def signature(task_vectors: TaskVectors) -> dict[str, Any]:

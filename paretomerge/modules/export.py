@@ -8,6 +8,12 @@ hyperparameters). Tensor names:
     base/<parameter or buffer name>
     heads/<task index>/<key>
     preference/<target index>/G | A | B
+    coefficients/lambdas | coefficients/omega       (preference-conditioned coefficients only)
+    basis/<merged layer name>                        (the same: the task vectors, [K, *shape])
+
+With preference-conditioned coefficients (ours, `ParetoMerging`'s default) ``at(γ)`` adds Σ_k (c_k(γ) − λ_k) τ_k to the
+base, so the file also holds the task vectors it was trained with: about (1 + K)× one backbone instead of 1×
+(benchmarks/bench_checkpoint_size.py).
 
 The base, heads and specs are those of a `.ckpt`'s section (`checkpoint.pack` / `checkpoint.unpack`), and
 ``load_pareto_set(path).at(γ)`` runs the same kernels as ``ParetoMerging.load_from_checkpoint(...).at(γ)``
@@ -28,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from paretomerge.kernels import MergedModel, PreferenceTensor, TaskVectors, materialize, merge
+from paretomerge.kernels import MergedModel, PreferenceTensor, TaskVectors, materialize, merge, preference_coefficients
 from paretomerge.modules import checkpoint as ckpt
 from paretomerge.modules.base import MergingModule
 from paretomerge.modules.checkpoint import CheckpointError
@@ -47,8 +53,12 @@ def export_pareto_set(module: MergingModule, path: str | os.PathLike) -> Path:
     if path.suffix != ".safetensors":
         raise ValueError(f"the export is a .safetensors file; got {str(path)!r}")
     tv = module._tv()
-    section = ckpt.pack(tv, module.base_parameters())  # the same base, heads and specs as a .ckpt holds
+    # the same base, heads, specs (and basis) as a .ckpt holds
+    section = ckpt.pack(tv, module.base_parameters(), module.coefficient_basis())
     tensors = {f"base/{name}": t for name, t in section["base"].items()}
+    if "basis" in section:
+        tensors.update({f"basis/{name}": t for name, t in section["basis"].items()})
+        tensors.update({"coefficients/lambdas": module.lambdas, "coefficients/omega": module.omega})
     for index, task in enumerate(tv.task_names):
         tensors.update({f"heads/{index}/{key}": t for key, t in section["heads"][task].items()})
     pt: PreferenceTensor | None = getattr(module, "preference_tensor", None)
@@ -66,6 +76,8 @@ def export_pareto_set(module: MergingModule, path: str | os.PathLike) -> Path:
         "head_specs": [section["head_specs"][t] for t in tv.task_names],
         "targets": targets,
         "rank": pt.rank if pt is not None else None,
+        "preference_coefficients": "basis" in section,
+        "lambda_bounds": list(module.hparams.lambda_bounds) if module.hparams.get("lambda_bounds") else None,
         "hyper_parameters": json.loads(json.dumps(dict(module.hparams), default=str)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +95,9 @@ class ParetoSet:
     """A loaded export: ``at(γ)`` gives the plain model for a preference (one model for AdaMerging exports)."""
 
     def __init__(self, task_vectors: TaskVectors, preference_tensor: PreferenceTensor | None,
-                 config: dict[str, Any]) -> None:
+                 config: dict[str, Any], coefficients: dict[str, Any] | None = None) -> None:
         self.task_vectors, self.preference_tensor, self.config = task_vectors, preference_tensor, config
+        self.coefficients = coefficients  # {"lambdas", "omega", "basis"} for preference-conditioned coefficients
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -101,14 +114,27 @@ class ParetoSet:
         deltas = None
         if self.preference_tensor is not None and gamma is not None:
             deltas = self.preference_tensor.delta(gamma.to(self.task_vectors.device))
-        params = merge(self.task_vectors.theta0, None, None, deltas)
-        return materialize(self.task_vectors, params, owned=list(deltas or ()))
+        basis = offset = None
+        if self.coefficients is not None and gamma is not None:  # as MergingModule.merged_parameters does
+            c = self.coefficients
+            bounds = self.config.get("lambda_bounds")
+            gamma = gamma.to(c["lambdas"])
+            offset = preference_coefficients(c["lambdas"], c["omega"], gamma, tuple(bounds) if bounds else None) \
+                - c["lambdas"]
+            basis = c["basis"]
+        params = merge(self.task_vectors.theta0, basis, offset, deltas)
+        shared = self.task_vectors.theta0
+        return materialize(self.task_vectors, params, owned=[n for n, p in params.items() if p is not shared[n]])
 
     def to(self, device: torch.device | str) -> ParetoSet:
         """Move everything to ``device`` in place; returns self."""
         self.task_vectors.to(device)
         if self.preference_tensor is not None:
             self.preference_tensor.to(device)
+        if self.coefficients is not None:
+            c = self.coefficients
+            self.coefficients = {"lambdas": c["lambdas"].to(device), "omega": c["omega"].to(device),
+                                 "basis": {name: t.to(device) for name, t in c["basis"].items()}}
         return self
 
     def __repr__(self) -> str:
@@ -157,6 +183,11 @@ def load_pareto_set(path: str | os.PathLike) -> ParetoSet:
                 raise KeyError(f"preference tensor entries {sorted(set(own) ^ set(stored))}")
             preference_tensor.load_state_dict(stored, strict=True)
             preference_tensor.eval().requires_grad_(False)
+        coefficients = None
+        if config.get("preference_coefficients"):
+            section["basis"] = {key[len("basis/"):]: t for key, t in tensors.items() if key.startswith("basis/")}
+            coefficients = {"lambdas": tensors["coefficients/lambdas"], "omega": tensors["coefficients/omega"],
+                            "basis": ckpt.unpack_basis(section, tv)}
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(f"cannot rebuild the Pareto set stored in {str(path)!r}: {err}") from err
-    return ParetoSet(tv, preference_tensor, config)
+    return ParetoSet(tv, preference_tensor, config, coefficients)

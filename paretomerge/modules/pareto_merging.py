@@ -1,4 +1,5 @@
-"""Pareto Merging (SPEC §3): layer-wise λ plus a low-rank preference tensor, trained over γ ~ Dir(α·1)."""
+"""Pareto Merging (SPEC §3): layer-wise λ plus a low-rank preference tensor, trained over γ ~ Dir(α·1); and ours,
+which also conditions the task-vector coefficients on γ (``preference_coefficients``)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,24 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from paretomerge.kernels import DEFAULT_TARGETS, PreferenceTensor, TaskVectors, select_targets
+from paretomerge.kernels import DEFAULT_TARGETS, PreferenceTensor, TaskVectors, preference_coefficients, select_targets
 from paretomerge.modules.base import MergingModule
-from paretomerge.objectives import cosine_alignment, entropy, frobenius_penalty, smooth_tchebycheff
+from paretomerge.objectives import cosine_alignment, entropy, frobenius_penalty, marginal_divergence, smooth_tchebycheff
 from paretomerge.preferences import sample_dirichlet
+
+#: The switches that turn our default back into the paper's method, SPEC §3 exactly (configs/pareto_merging_paper.yaml).
+PAPER_CONFIGURATION = {"preference_coefficients": False, "beta_div": 0.0}
 
 
 class ParetoMerging(MergingModule):
     """Learns the Pareto set of merged models in one run; ``at(γ)`` gives the model for a preference.
 
-    Args (defaults are SPEC §3's):
+    The defaults are **ours**: SPEC §3's method plus two switches, ``preference_coefficients`` (the task-vector
+    coefficients depend on γ) and ``beta_div`` (a diversity penalty). ``preference_coefficients=False, beta_div=0``
+    is the paper's configuration exactly (``configs/pareto_merging_paper.yaml``); there λ does not depend on γ and all
+    of the preference's effect goes through the preference tensor.
+
+    Args (the other defaults are SPEC §3's):
         task_vectors: a `TaskVectors`; if None, ``trainer.datamodule.task_vectors()`` is used in ``setup``.
         rank: r of the preference tensor (cores ``[r, r, K]``).
         alpha: Dirichlet concentration of the sampled preferences.
@@ -34,6 +43,18 @@ class ParetoMerging(MergingModule):
         compile_forward: run the merged forward through ``torch.compile`` (True: inductor; or a backend's name).
             Off by default: on the TinySuite on 2 CPU cores, inductor takes 44 s to compile and then saves 12% of a
             step, about 6 s over 500 steps (benchmarks/bench_compile.py). Not measured on a GPU yet.
+        preference_coefficients: ours. The merge's coefficients become c(γ) = clamp(λ + ω ⊙ (K·γ − 1),
+            lambda_bounds) (`kernels.preference_coefficients`), with ω ``[L, K]`` learned from 0: c = λ at the equal
+            preference, and a one-hot e_k moves task k's coefficients by (K−1)·ω[:, k]. The preference then acts
+            inside the span of the task vectors, where lowering a task's entropy tracks raising its accuracy. On the
+            TinySuite the paper's preference tensor alone barely moves its task (own-task entropy by ≤ 0.02 nats at
+            the one-hots); with c(γ) the one-hots lower it by 0.07–0.17 nats and raise 7–8 of 8 tasks by +5.6 to +8.0
+            points on average (benchmarks/README.md, "preference_response.py"). Costs L·K parameters, and a `.ckpt`
+            or export then also stores the task vectors.
+        beta_div: ours. Weight of Σ_k KL(p̄_k ‖ uniform), the batch-mean prediction's divergence from uniform
+            (`objectives.marginal_divergence`): it penalises a task collapsing onto one class. 0 turns it off.
+        preference_floor: ρ in [0, 1); the smooth-Tchebycheff term weighs the tasks by (1 − ρ)·γ + ρ/K instead of γ,
+            so no task is ignored at a one-hot (the model is still built from γ). 0, the default, is SPEC §3's.
         seed: seeds the preference tensor's init and every γ draw, keyed by (seed, global_step, rank): one γ per
             optimizer step and process (micro-batches of an accumulated step share it).
     """
@@ -54,6 +75,9 @@ class ParetoMerging(MergingModule):
         seed: int = 0,
         ties_top_k: float | None = None,
         compile_forward: bool | str = False,
+        preference_coefficients: bool = True,
+        beta_div: float = 0.1,
+        preference_floor: float = 0.0,
     ) -> None:
         super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, seed=seed, ties_top_k=ties_top_k,
                          compile_forward=compile_forward)
@@ -63,10 +87,15 @@ class ParetoMerging(MergingModule):
         for name, value in (("alpha", alpha), ("mu", mu), ("eps", eps)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
-        for name, value in (("beta_cos", beta_cos), ("beta_frob", beta_frob)):
+        if not 0.0 <= preference_floor < 1.0:
+            raise ValueError(f"preference_floor must be in [0, 1), got {preference_floor!r}")
+        if not isinstance(preference_coefficients, bool):
+            raise ValueError(f"preference_coefficients must be true or false, got {preference_coefficients!r}")
+        for name, value in (("beta_cos", beta_cos), ("beta_frob", beta_frob), ("beta_div", beta_div)):
             if not value >= 0:
                 raise ValueError(f"{name} must be non-negative, got {value!r}")
         self.preference_tensor: PreferenceTensor | None = None
+        self.omega: torch.nn.Parameter | None = None
         if task_vectors is not None:
             self.attach(task_vectors)
 
@@ -76,10 +105,25 @@ class ParetoMerging(MergingModule):
         targets = self.hparams.targets
         shapes = select_targets(dict(tv.backbone.named_parameters()), targets) if targets is not None else None
         super()._build_trainable(tv)
+        if self.hparams.preference_coefficients:
+            self.omega = torch.nn.Parameter(torch.zeros_like(self.lambdas))
         if shapes is not None:
             self.preference_tensor = PreferenceTensor(
                 shapes, tv.num_tasks, self.hparams.rank, seed=self.hparams.seed
             ).to(self.device)
+
+    @property
+    def preference_conditioned(self) -> bool:
+        return self.omega is not None
+
+    def coefficients(self, gamma: Tensor | None) -> Tensor:
+        """λ, or ours: ``clamp(λ + ω ⊙ (K·γ − 1), lambda_bounds)``."""
+        if self.omega is None:
+            return self.lambdas
+        if gamma is None:
+            raise ValueError("ParetoMerging with preference_coefficients needs a preference γ to build its weights")
+        bounds = self.hparams.lambda_bounds
+        return preference_coefficients(self.lambdas, self.omega, gamma, None if bounds is None else tuple(bounds))
 
     def deltas(self, gamma: Tensor | None) -> dict[str, Tensor] | None:
         if self.preference_tensor is None:
@@ -89,20 +133,33 @@ class ParetoMerging(MergingModule):
         return self.preference_tensor.delta(gamma)
 
     def objective(self, logits: Mapping[str, Tensor], gamma: Tensor) -> dict[str, Tensor]:
-        """SPEC §3: ``loss = STCH_μ(f; γ) − β_cos·cos(f, 1/γ̃) + β_frob·Σ‖G‖²`` with f_k the mean entropy of task k.
+        """SPEC §3: ``loss = STCH_μ(f; γ) − β_cos·cos(f, 1/γ̃) + β_frob·Σ‖G‖²`` with f_k the mean entropy of task k;
+        ours adds ``β_div·Σ_k KL(p̄_k ‖ uniform)`` where ``beta_div`` > 0.
 
-        Returns the loss and its parts (``stch``, ``cos``, ``frob``, ``entropies [K]``).
+        Returns the loss and its parts (``stch``, ``cos``, ``frob``, ``div`` where used, ``entropies [K]``).
         """
         hp = self.hparams
         f = torch.stack([entropy(logits[t]) for t in self._tv().task_names])
-        stch = smooth_tchebycheff(f, gamma, hp.mu)
+        floor = hp.get("preference_floor", 0.0)
+        stch = smooth_tchebycheff(f, (1.0 - floor) * gamma + floor / len(gamma) if floor else gamma, hp.mu)
         cos = cosine_alignment(f, gamma, hp.eps)
         cores = self.preference_tensor.cores() if self.preference_tensor is not None else []
         frob = frobenius_penalty(cores).to(f)
         loss = stch - hp.beta_cos * cos + hp.beta_frob * frob
-        return {"loss": loss, "stch": stch, "cos": cos, "frob": frob, "entropies": f}
+        parts = {"stch": stch, "cos": cos, "frob": frob, "entropies": f}
+        if hp.beta_div > 0:
+            parts["div"] = torch.stack([marginal_divergence(logits[t]) for t in self._tv().task_names]).sum()
+            loss = loss + hp.beta_div * parts["div"]
+        return {"loss": loss, **parts}
 
     def training_preference(self) -> Tensor:
         """γ ~ Dir(α·1), keyed by (seed, global_step, rank)."""
         hp = self.hparams
         return sample_dirichlet(self._tv().num_tasks, hp.alpha, hp.seed, self.global_step, self.global_rank)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A .ckpt written before preference-conditioned coefficients existed has neither ω nor their hyperparameter:
+        # it is the paper's model, and loads as one.
+        if "preference_coefficients" not in checkpoint.get("hyper_parameters", {"preference_coefficients": None}):
+            self.hparams.update(PAPER_CONFIGURATION)
+        super().on_load_checkpoint(checkpoint)
