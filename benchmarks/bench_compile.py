@@ -20,6 +20,7 @@ from bench_limits import alternate, pm_step  # noqa: E402
 from profile_step import tiny_problem  # noqa: E402
 
 from paretomerge import ParetoMerging  # noqa: E402
+from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION  # noqa: E402
 
 
 def main() -> None:
@@ -28,8 +29,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     tv, batches = tiny_problem()
-    eager = pm_step(ParetoMerging(task_vectors=tv), batches)
-    compiled = pm_step(ParetoMerging(task_vectors=tv, compile_forward=args.backend), batches)
+    eager = pm_step(ParetoMerging(task_vectors=tv, **PAPER_CONFIGURATION), batches)
+    compiled = pm_step(ParetoMerging(task_vectors=tv, compile_forward=args.backend, **PAPER_CONFIGURATION), batches)
     eager(0)
     start = time.perf_counter()
     compiled(0)  # compiles the forward and its backward

@@ -51,12 +51,13 @@ def breakdown(repeats: int) -> list[tuple[str, float]]:
 
     from paretomerge import ParetoMerging
     from paretomerge.front import evaluate_front, summary_preferences
+    from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION
     from paretomerge.plotting import front_figures
     from paretomerge.suites import TinySuite
 
     torch.set_num_threads(2)
     suite = TinySuite(progress=False)
-    model = ParetoMerging(task_vectors=suite.task_vectors())
+    model = ParetoMerging(task_vectors=suite.task_vectors(), **PAPER_CONFIGURATION)
     prefs = summary_preferences(8)
     suite.labeled("val")
     parts: dict[str, list[float]] = {"evaluate 30 preferences × 8 tasks (val, 256 images each)": [],

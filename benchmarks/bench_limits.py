@@ -42,6 +42,7 @@ from profile_step import PlainStep, tiny_problem, vitb32_problem  # noqa: E402
 from paretomerge import ParetoMerging  # noqa: E402
 from paretomerge.front import evaluate_front, summary_preferences  # noqa: E402
 from paretomerge.kernels import forward_tasks, materialize  # noqa: E402
+from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION  # noqa: E402
 from paretomerge.preferences import sample_dirichlet  # noqa: E402
 
 TARGETS = {1: 1.10, 2: 0.05, 3: 1.10, 4: 1.5, 5: 1.2}
@@ -77,7 +78,7 @@ def pm_step(model: ParetoMerging, batches: list[dict[str, torch.Tensor]]) -> Cal
 
 def row_step(name: str, problem: tuple, rounds: int) -> tuple[str, float, str]:
     tv, batches = problem
-    model = ParetoMerging(task_vectors=tv)
+    model = ParetoMerging(task_vectors=tv, **PAPER_CONFIGURATION)
     plain = PlainStep(tv, model)
     pm = pm_step(model, batches)
     pm(0), plain(batches[0], sample_dirichlet(tv.num_tasks, 1.0, 0, 0))  # warm-up
@@ -90,7 +91,7 @@ def row_step(name: str, problem: tuple, rounds: int) -> tuple[str, float, str]:
 
 def row_merge_share(problem: tuple, rounds: int) -> tuple[str, float, str]:
     tv, batches = problem
-    model = ParetoMerging(task_vectors=tv)
+    model = ParetoMerging(task_vectors=tv, **PAPER_CONFIGURATION)
     opt = model.configure_optimizers()
     shares = []
     for r in range(rounds + 1):
@@ -115,7 +116,7 @@ def row_evaluation(rounds: int) -> tuple[str, float, str]:
 
     suite = TinySuite(progress=False)
     tv = suite.task_vectors()
-    model = ParetoMerging(task_vectors=tv)
+    model = ParetoMerging(task_vectors=tv, **PAPER_CONFIGURATION)
     with torch.no_grad():  # a trained-looking preference tensor: Δ(γ) ≠ 0
         for g in model.preference_tensor.G:
             g.normal_(std=0.01)
@@ -139,7 +140,7 @@ def row_evaluation(rounds: int) -> tuple[str, float, str]:
 def child_at(tasks: int, per_task: int, rounds: int) -> dict[str, list[float] | float]:
     """In its own process (so the heap left by other rows does not decide which side pays for fresh pages)."""
     tv, _ = vitb32_problem(tasks, per_task)
-    model = ParetoMerging(task_vectors=tv)
+    model = ParetoMerging(task_vectors=tv, **PAPER_CONFIGURATION)
     with torch.no_grad():
         for g in model.preference_tensor.G:
             g.normal_(std=0.01)
@@ -181,7 +182,7 @@ def child_fit(tasks: int, per_task: int) -> dict[str, float]:
 
     baseline = status_mib("VmRSS")
     tv, batches = vitb32_problem(tasks, per_task)
-    model = ParetoMerging(task_vectors=tv)
+    model = ParetoMerging(task_vectors=tv, **PAPER_CONFIGURATION)
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))

@@ -2,9 +2,12 @@
 ablation and a plain backbone, on a small random open_clip ViT on CPU; print Markdown tables.
 
 Variants, all on the same images and the same sampled preferences γ:
-  PM     ParetoMerging(rank=r): merge θ0 + Σ λτ + Δ(γ) through `kernels.merge`, functional forward.
-  Ada    ParetoMerging(targets=None): the same merged forward with no preference tensor (γ only weights
-         the objective), i.e. AdaMerging's layer-wise λ.
+  PM     ParetoMerging(rank=r), the paper's configuration: merge θ0 + Σ λτ + Δ(γ) through `kernels.merge`,
+         functional forward.
+  PM ours  ParetoMerging(rank=r), our default: the same with preference-conditioned coefficients c(γ) and the
+         diversity term.
+  Ada    ParetoMerging(targets=None), the paper's configuration: the same merged forward with no preference tensor
+         (γ only weights the objective), i.e. AdaMerging's layer-wise λ.
   plain  a trainable copy of the backbone run directly (no merge), Adam on all its parameters.
 The loss is `ParetoMerging.objective` (what `training_step` minimises; `training_step` itself needs a
 Trainer for `self.global_step` and `self.log`), and λ is clamped by `clamp_lambdas` after each step, as
@@ -34,7 +37,7 @@ from tensorly.tenalg import multi_mode_dot
 from torch import nn
 
 from paretomerge.kernels import DEFAULT_TARGETS, ModuleSpec, PreferenceTensor, TaskVectors, select_targets
-from paretomerge.modules.pareto_merging import ParetoMerging
+from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION, ParetoMerging
 from paretomerge.preferences import sample_dirichlet
 
 TARGETS = {"PM/Ada": 1.15, "Ada/plain": 1.5}
@@ -85,8 +88,9 @@ def build_task_vectors(a: argparse.Namespace) -> TaskVectors:
 
 
 def make_steps(tv: TaskVectors, a: argparse.Namespace) -> dict:
-    pm = ParetoMerging(task_vectors=tv, rank=a.rank, seed=a.seed)
-    ada = ParetoMerging(task_vectors=tv, targets=None, seed=a.seed)
+    pm = ParetoMerging(task_vectors=tv, rank=a.rank, seed=a.seed, **PAPER_CONFIGURATION)
+    ours = ParetoMerging(task_vectors=tv, rank=a.rank, seed=a.seed)
+    ada = ParetoMerging(task_vectors=tv, targets=None, seed=a.seed, **PAPER_CONFIGURATION)
     hp = pm.hparams
     plain = copy.deepcopy(tv.backbone).requires_grad_(True)
     names = tv.task_names
@@ -111,9 +115,10 @@ def make_steps(tv: TaskVectors, a: argparse.Namespace) -> dict:
         plain_opt.step()
         plain_opt.zero_grad()
 
-    counts = {"PM": sum(p.numel() for p in pm.parameters()), "Ada": sum(p.numel() for p in ada.parameters()),
-              "plain": sum(p.numel() for p in plain.parameters())}
-    return {"PM": merging_step(pm), "Ada": merging_step(ada), "plain": plain_step}, counts
+    counts = {"PM": sum(p.numel() for p in pm.parameters()), "PM ours": sum(p.numel() for p in ours.parameters()),
+              "Ada": sum(p.numel() for p in ada.parameters()), "plain": sum(p.numel() for p in plain.parameters())}
+    return {"PM": merging_step(pm), "PM ours": merging_step(ours), "Ada": merging_step(ada),
+            "plain": plain_step}, counts
 
 
 def delta_cost(tv: TaskVectors, a: argparse.Namespace) -> None:

@@ -7,7 +7,8 @@ Tables (printed as Markdown, and saved as CSV and Markdown under ``--out``):
 
 - **A** (Pareto Merging Table 4 shape): per-task test accuracy and the mean (raw and normalised by the individual
   models) of individual, θ0, weight averaging, Task Arithmetic, TIES, DARE-TA, DARE-TIES, AdaMerging (task-wise,
-  layer-wise), AdaMerging++, Pareto Merging and Pareto Merging++ at the equal preference.
+  layer-wise), AdaMerging++, and Pareto Merging and Pareto Merging++ at the equal preference, each both ours (the
+  default: preference-conditioned coefficients, diversity term) and the paper's configuration (SPEC §3 exactly).
 - **B** (MAP Table 4 shape): the preference-weighted sum Σ_k p_k acc_k over 20 seeded Dirichlet(1) preferences,
   mean ± std: Pareto Merging(++) ``at(p)``, Task Arithmetic + preference, AdaMerging + preference (one run per
   preference, on the first ``--pref-runs`` of them) and the single-model methods.
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `callbacks` live
 
 from paretomerge import AdaMerging, ParetoMerging, static_model  # noqa: E402
 from paretomerge.front import evaluate_front  # noqa: E402
+from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION  # noqa: E402
 from paretomerge.pareto import hypervolume, non_dominated, preference_weighted_sum  # noqa: E402
 from paretomerge.preferences import dirichlet_set, front_preferences  # noqa: E402
 from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite  # noqa: E402
@@ -52,9 +54,12 @@ LEARNED = [  # (row label, class, options)
     ("AdaMerging (task-wise)", AdaMerging, {"granularity": "task"}),
     ("AdaMerging (layer-wise)", AdaMerging, {}),
     ("AdaMerging++", AdaMerging, {"ties_top_k": 0.2}),
-    ("Pareto Merging", ParetoMerging, {}),
-    ("Pareto Merging++", ParetoMerging, {"ties_top_k": 0.2}),
+    ("Pareto Merging (ours)", ParetoMerging, {}),
+    ("Pareto Merging++ (ours)", ParetoMerging, {"ties_top_k": 0.2}),
+    ("Pareto Merging (paper)", ParetoMerging, PAPER_CONFIGURATION),
+    ("Pareto Merging++ (paper)", ParetoMerging, {**PAPER_CONFIGURATION, "ties_top_k": 0.2}),
 ]
+PARETO = [(label, options) for label, cls, options in LEARNED if cls is ParetoMerging]
 
 
 class Runner:
@@ -155,7 +160,7 @@ def table_b(runner: Runner, results: dict, out: Path, pref_runs: int, bar: tqdm)
         all20 = f"{pct(scores.mean())} ± {pct(scores.std())}" if len(scores) == len(prefs) else "—"
         rows.append([label, all20, f"{pct(first.mean())} ± {pct(first.std())}", runs, steps, f"{seconds:.1f}"])
 
-    for label in ("Pareto Merging", "Pareto Merging++"):
+    for label, _ in PARETO:
         model, fit_seconds = results[label]["model"], results[label]["seconds"]
         acc = evaluate_front(model, runner.suite, prefs, progress=False).numpy()
         row(f"{label} at(p)", acc, "1", str(runner.steps), fit_seconds)
@@ -189,7 +194,7 @@ def table_c(subsets: list[list[str]], suite_options: dict, steps: int, out: Path
         runner = Runner(TinySuite(tasks=tasks, **suite_options), steps)
         prefs = front_preferences(len(tasks))
         fronts: list[tuple[str, np.ndarray, str, str, float]] = []
-        for label, options in (("Pareto Merging", {}), ("Pareto Merging++", {"ties_top_k": 0.2})):
+        for label, options in PARETO:
             model, seconds = runner.fit(ParetoMerging, **options)
             fronts.append((label, evaluate_front(model, runner.suite, prefs, progress=False).numpy(), "1",
                            str(steps), seconds))
@@ -225,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subsets", nargs="*", default=["digit,position", "shape,digit,count"],
                         help="comma-separated task subsets for table C")
     parser.add_argument("--out", default="benchmarks/results/compare", help="where the CSV and Markdown go")
+    parser.add_argument("--cache-dir", default=None, help="the TinySuite cache root (default: the suite's)")
     parser.add_argument("--quick", action="store_true",
                         help="the fast 3-task suite, 10 steps, 2 preference runs, subsets colour,stripes and all 3")
     args = parser.parse_args(argv)
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    suite_options: dict = {"progress": False}
+    suite_options: dict = {"progress": False, "cache_dir": args.cache_dir}
     tasks = None
     if args.quick:
         suite_options.update(recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8)
@@ -241,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     subsets = [s.split(",") for s in args.subsets]
     out = Path(args.out)
     runner = Runner(TinySuite(tasks=tasks, **suite_options), args.steps)
-    total = len(STATIC) + len(LEARNED) + 2 + args.pref_runs + sum(2 + len(front_preferences(len(s))) for s in subsets)
+    total = len(STATIC) + len(LEARNED) + len(PARETO) + args.pref_runs + sum(
+        len(PARETO) + len(front_preferences(len(s))) for s in subsets)
     started = time.perf_counter()
     with tqdm(total=total, desc="methods", file=sys.stderr) as bar:
         text_a, results = table_a(runner, out, bar)

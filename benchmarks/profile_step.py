@@ -28,6 +28,7 @@ from torch import nn
 
 from paretomerge import ModuleSpec, ParetoMerging, TaskVectors
 from paretomerge.kernels import forward_tasks, merge
+from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION
 from paretomerge.preferences import sample_dirichlet
 
 PHASES = ("data", "delta", "merge", "forward", "backward", "optimizer")
@@ -95,7 +96,7 @@ class PlainStep:
 
 
 def run(tv: TaskVectors, batches: list[dict[str, torch.Tensor]], steps: int, rank: int) -> dict[str, list[float]]:
-    model = ParetoMerging(task_vectors=tv, rank=rank)
+    model = ParetoMerging(task_vectors=tv, rank=rank, **PAPER_CONFIGURATION)
     opt = model.configure_optimizers()
     plain = PlainStep(tv, model)
     times: dict[str, list[float]] = defaultdict(list)

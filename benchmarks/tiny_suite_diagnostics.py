@@ -24,6 +24,7 @@ from scipy.stats import spearmanr
 
 from paretomerge import AdaMerging, ParetoMerging
 from paretomerge.kernels import forward_features, merge
+from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION
 from paretomerge.objectives import entropy
 from paretomerge.suites import TinySuite
 
@@ -130,7 +131,7 @@ def main() -> None:
     for rank in (1, 4, 16):
         cells = []
         for beta_frob in (1.0, 100.0):
-            model = ParetoMerging(rank=rank, beta_frob=beta_frob)
+            model = ParetoMerging(rank=rank, beta_frob=beta_frob, **PAPER_CONFIGURATION)
             L.Trainer(max_steps=STEPS[-1], accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                       limit_val_batches=0).fit(model, datamodule=suite)
