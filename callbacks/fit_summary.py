@@ -26,6 +26,11 @@ def run_directory(trainer: L.Trainer) -> Path:
     return Path(log_dir or trainer.default_root_dir)
 
 
+def volumes(front: torch.Tensor, individual: list[float] | None) -> tuple[float, float | None]:
+    """The hypervolume of ``front`` and, with the individual accuracies, its normalised hypervolume."""
+    return hypervolume(front), (hypervolume(front, individual) if individual else None)
+
+
 class FitSummary(L.Callback):
     """Prints, after ``fit``: per-task test accuracy at the equal preference and at each task's one-hot,
     beside the individual fine-tuned models and Task Arithmetic; the hypervolume of the evaluated front
@@ -59,12 +64,12 @@ class FitSummary(L.Callback):
         self.front = evaluate_front(pl_module, datamodule, self.preferences, trainer.progress_bar_callback is not None)
         report = getattr(datamodule, "build_report", None)
         individual = [report["tasks"][t]["individual_accuracy"] for t in tasks] if report else None
-        hv = hypervolume(self.front)
-        hv_normalised = hypervolume(self.front, individual) if individual else None
-        self.reference_front = None
+        hv, hv_normalised = volumes(self.front, individual)
+        self.reference_front, reference_volumes = None, None
         if pl_module.task_vectors.has_task_vectors:  # Task Arithmetic + preference on the same preferences
             self.reference_front = static_front("task_arithmetic_preference", pl_module.task_vectors, datamodule,
                                                 self.preferences)
+            reference_volumes = volumes(self.reference_front, individual)
         log_dir = run_directory(trainer)
         write_front_csv(log_dir / "front_test.csv", self.front.numpy(), self.preferences.numpy(), tasks)
         if trainer.logger is not None:
@@ -72,7 +77,7 @@ class FitSummary(L.Callback):
             if hv_normalised is not None:
                 metrics["test/front/hypervolume_normalised"] = hv_normalised
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
-        print(self._table(tasks, report, hv, hv_normalised, trainer, log_dir))
+        print(self._table(tasks, report, hv, hv_normalised, reference_volumes, trainer, log_dir))
 
     @staticmethod
     def _baseline_columns(report: dict | None, tasks: list[str]) -> list[tuple[str, list[float]]]:
@@ -105,9 +110,8 @@ class FitSummary(L.Callback):
         return "\n".join(lines + [""])
 
     def _table(self, tasks: list[str], report: dict | None, hv: float, hv_normalised: float | None,
-               trainer: L.Trainer, log_dir: Path) -> str:
+               reference_volumes: tuple[float, float | None] | None, trainer: L.Trainer, log_dir: Path) -> str:
         front, num_tasks = self.front, len(tasks)
-        individual = [report["tasks"][t]["individual_accuracy"] for t in tasks] if report else None
         equal = front[0]
         own = torch.stack([front[1 + k, k] for k in range(num_tasks)])  # task k at the one-hot e_k
         header = f"{'task':<12}"
@@ -136,11 +140,11 @@ class FitSummary(L.Callback):
             f"{hv:.4f}" + (f", normalised by individual accuracy {hv_normalised:.4f}" if hv_normalised else "")
             + f". Every point: {log_dir / 'front_test.csv'}",
         ]
-        if self.reference_front is not None:
-            reference = self.reference_front
+        if reference_volumes is not None:
+            reference_hv, reference_normalised = reference_volumes
             lines.append(f"Task Arithmetic + preference (θ0 + 0.3·K·Σ_k γ_k τ_k) on the same preferences: hypervolume "
-                         f"{hypervolume(reference):.4f}" + (f", normalised {hypervolume(reference, individual):.4f}"
-                                                            if individual else ""))
+                         f"{reference_hv:.4f}" + (f", normalised {reference_normalised:.4f}"
+                                                  if reference_normalised is not None else ""))
         checkpoint = trainer.checkpoint_callback
         path = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
         if path:

@@ -111,6 +111,7 @@ def test_non_finite_loss_stops_with_step_preference_and_task_and_saves_only_good
      ({"lambda_bounds": (1.0, 0.0)}, "lambda_bounds"), ({"lambda_init": 2.0}, "outside"),
      ({"targets": "(unclosed"}, "regular expression"), ({"seed": -1}, "non-negative"),
      ({"beta_div": -0.1}, "beta_div"), ({"preference_floor": 1.0}, "preference_floor"),
+     ({"preference_floor": "0.2"}, "preference_floor"),
      ({"preference_coefficients": "yes"}, "preference_coefficients must be true or false")],
 )
 def test_bad_hyperparameters_are_refused(task_vectors, kwargs, message):

@@ -87,7 +87,8 @@ class ParetoMerging(MergingModule):
         for name, value in (("alpha", alpha), ("mu", mu), ("eps", eps)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
-        if not 0.0 <= preference_floor < 1.0:
+        if isinstance(preference_floor, bool) or not isinstance(preference_floor, (int, float)) \
+                or not 0.0 <= preference_floor < 1.0:
             raise ValueError(f"preference_floor must be in [0, 1), got {preference_floor!r}")
         if not isinstance(preference_coefficients, bool):
             raise ValueError(f"preference_coefficients must be true or false, got {preference_coefficients!r}")
@@ -140,7 +141,7 @@ class ParetoMerging(MergingModule):
         """
         hp = self.hparams
         f = torch.stack([entropy(logits[t]) for t in self._tv().task_names])
-        floor = hp.get("preference_floor", 0.0)
+        floor = hp.preference_floor
         stch = smooth_tchebycheff(f, (1.0 - floor) * gamma + floor / len(gamma) if floor else gamma, hp.mu)
         cos = cosine_alignment(f, gamma, hp.eps)
         cores = self.preference_tensor.cores() if self.preference_tensor is not None else []
