@@ -1,11 +1,12 @@
 """paretomerge: preference-aware model merging on PyTorch Lightning."""
 
-from paretomerge.kernels import ModuleSpec, PreferenceTensor, TaskVectors, merge
+from paretomerge.kernels import ModuleSpec, PreferenceTensor, TaskVectors, merge, recognise
 from paretomerge.modules import (
     AdaMerging,
     CheckpointError,
     MergedModel,
     MergingModule,
+    MissingModulesError,
     ParetoMerging,
     ParetoSet,
     UnseenTaskSelection,
@@ -24,6 +25,7 @@ __all__ = [
     "CheckpointError",
     "MergedModel",
     "MergingModule",
+    "MissingModulesError",
     "ModuleSpec",
     "ParetoMerging",
     "ParetoSet",
@@ -33,6 +35,7 @@ __all__ = [
     "export_pareto_set",
     "load_pareto_set",
     "merge",
+    "recognise",
     "select_for_unseen_task",
     "static_merge",
     "static_model",

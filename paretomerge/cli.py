@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from paretomerge.front import evaluate_front, module_preferences, static_point
 from paretomerge.modules import AdaMerging, CheckpointError, MergingModule, ParetoMerging
-from paretomerge.modules.checkpoint import inspect_checkpoint
+from paretomerge.modules.checkpoint import MissingModulesError, inspect_checkpoint
 from paretomerge.modules.export import export_pareto_set
 from paretomerge.pareto import hypervolume, non_dominated
 from paretomerge.plotting import Overlay, front_figures, front_table, save_figure, write_front_csv
@@ -194,6 +194,9 @@ def export_command(argv: list[str]) -> None:
         parser.error(f"--out must name a .safetensors file, got {args.out!r}")
     try:
         model, _ = _load_module(args.ckpt)
+    except MissingModulesError as err:
+        sys.exit(f"paretomerge export: {err}. The command line cannot build your modules: load the model in Python "
+                 "with that call, then export_pareto_set(model, out)")
     except (CheckpointError, FileNotFoundError, ValueError, TypeError, KeyError) as err:
         sys.exit(f"paretomerge export: {err}")
     path = export_pareto_set(model, args.out)

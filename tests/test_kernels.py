@@ -169,9 +169,9 @@ def test_task_vectors_refuse_other_architecture_and_bad_arguments():
         TaskVectors.from_state_dicts(pretrained, finetuned, ["a", "a"], {"a": heads["task0"]})
     with pytest.raises(ValueError, match="heads must map"):
         TaskVectors.from_state_dicts(pretrained, finetuned, names, {"task0": heads["task0"]})
-    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="backbone_spec"):
-        TaskVectors.from_state_dicts(plain, [plain.state_dict()] * 2, names, heads)
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))  # any module is accepted; a Sequential of Linears is recorded
+    tv = TaskVectors.from_state_dicts(plain, [plain.state_dict()] * 2, names, heads)
+    assert tv.backbone_spec.target == "paretomerge.kernels.builders:sequential"
 
 
 def test_module_spec_builds_only_modules_and_plain_kwargs():

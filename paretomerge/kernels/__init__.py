@@ -1,12 +1,16 @@
 """Pure torch + tensorly kernels: task vectors, the merge, the functional forward, the preference tensor."""
 
 from paretomerge.kernels.architecture import ModuleSpec
+from paretomerge.kernels.builders import recognise
 from paretomerge.kernels.merge import (
+    check_labels,
+    features_of,
     forward_features,
     forward_features_many,
     forward_tasks,
     merge,
     preference_coefficients,
+    run_head,
     select_model,
 )
 from paretomerge.kernels.merged_model import MergedModel, materialize
@@ -19,12 +23,16 @@ __all__ = [
     "ModuleSpec",
     "PreferenceTensor",
     "TaskVectors",
+    "check_labels",
+    "features_of",
     "forward_features",
     "forward_features_many",
     "forward_tasks",
     "materialize",
     "merge",
     "preference_coefficients",
+    "recognise",
+    "run_head",
     "select_model",
     "select_targets",
 ]

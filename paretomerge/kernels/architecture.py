@@ -4,12 +4,15 @@ A `.ckpt` stores weights only (loaded with ``weights_only=True``), so the module
 described by data: ``ModuleSpec(target, kwargs, attr)`` means ``getattr(target(**kwargs), attr)``.
 
 A spec read from a checkpoint is untrusted, so `build` only
-- imports nothing new: the target's module must be already imported, or part of torch, open_clip or
-  paretomerge (import your own module before loading a checkpoint that names a class of it);
-- calls ``nn.Module`` subclasses, or ``open_clip.create_model`` with ``pretrained=None`` and a known model
-  name (nothing it could download, unpickle or read from disk);
-- refuses kwargs whose names suggest loading (``pretrained``, ``*path*``, ``cache_dir``, ``*weights*``...)
-  unless they are None or False;
+- imports nothing new: the target's module must be already imported, or part of torch, open_clip, timm or
+  paretomerge (import your own module before loading a checkpoint that names a class of it; paretomerge's Hugging
+  Face builder imports transformers);
+- calls ``nn.Module`` subclasses, or one of `ALLOWED_FACTORIES`: ``open_clip.create_model`` and ``timm.create_model``
+  with no pretrained weights and a known model name (nothing they could download, unpickle or read from disk), and
+  paretomerge's own builders (`paretomerge.kernels.builders`: an ``nn.Sequential`` of specs, a Hugging Face
+  ``CLIPVisionModel`` from its config);
+- refuses kwargs whose names suggest loading (``pretrained``, ``*path*``, ``cache_dir``, ``*weights*``...), at any
+  depth of nested dicts (there also ``*model_name``, such as open_clip's ``hf_model_name``), unless None or False;
 - passes plain JSON-like kwargs.
 """
 
@@ -24,21 +27,64 @@ from typing import Any
 
 from torch import nn
 
-# Factories (not classes) that a spec may name, with the only kwargs they may get. Everything else must be
-# an nn.Module subclass.
+
+def _check_open_clip(kwargs: Mapping[str, Any]) -> str | None:
+    import open_clip
+
+    if kwargs.get("pretrained") is not None:
+        return "pretrained must be None (weights come from the checkpoint)"
+    if kwargs.get("model_name") not in open_clip.list_models():
+        return f"unknown open_clip model {kwargs.get('model_name')!r}"
+    if (open_clip.get_model_config(kwargs["model_name"]) or {}).get("text_cfg", {}).get("hf_model_name"):
+        return "its text tower is a Hugging Face model whose config is fetched from the hub; refused"
+    return None
+
+
+def _check_timm(kwargs: Mapping[str, Any]) -> str | None:
+    import timm
+
+    if kwargs.get("pretrained") not in (None, False):
+        return "pretrained must be False (weights come from the checkpoint)"
+    if kwargs.get("model_name") not in timm.list_models():  # no "hf-hub:" names: nothing to fetch
+        return f"unknown timm model {kwargs.get('model_name')!r}"
+    return None
+
+
+# Factories (not classes) that a spec may name: the only kwargs they may get, and a check of their values. Everything
+# else must be an nn.Module subclass.
 ALLOWED_FACTORIES = {
-    "open_clip:create_model": frozenset({"model_name", "pretrained", "force_quick_gelu"}),
-    "open_clip.factory:create_model": frozenset({"model_name", "pretrained", "force_quick_gelu"}),
+    "open_clip:create_model": (frozenset({"model_name", "pretrained", "force_quick_gelu"}), _check_open_clip),
+    "open_clip.factory:create_model": (frozenset({"model_name", "pretrained", "force_quick_gelu"}), _check_open_clip),
+    "timm:create_model": (frozenset({"model_name", "pretrained", "num_classes", "global_pool"}), _check_timm),
+    "paretomerge.kernels.builders:sequential": (frozenset({"modules"}), None),
+    "paretomerge.kernels.builders:hf_clip_vision_model": (frozenset({"config"}), None),
 }
-TRUSTED_PACKAGES = frozenset({"torch", "open_clip", "paretomerge"})
+TRUSTED_PACKAGES = frozenset({"torch", "open_clip", "timm", "paretomerge"})
 # kwargs that could make a constructor read, fetch or unpickle something; refused unless None or False.
 _LOADING_KWARG = re.compile(r"pretrain|path|file|url|cache|checkpoint|ckpt|weight|hub|download|jit|device", re.I)
+# Nested deeper (open_clip's ``vision_cfg``/``text_cfg`` dicts), a model name is also something to fetch
+# (``hf_model_name``, ``timm_model_name``).
+_NESTED_LOADING_KEY = re.compile(_LOADING_KWARG.pattern + r"|model_name", re.I)
 _SPEC_ATTRIBUTE = "_paretomerge_spec"
-_PLAIN = (str, int, float, bool, type(None))
+
+
+def _loading_keys(kwargs: Mapping[str, Any], where: str = "", depth: int = 0) -> list[str]:
+    """Keys, at any depth of nested dicts and lists, whose names suggest loading and whose values are set."""
+    found = []
+    pattern = _LOADING_KWARG if depth == 0 else _NESTED_LOADING_KEY
+    for key, value in kwargs.items():
+        path = f"{where}{key}"
+        if pattern.search(key) and value not in (None, False):
+            found.append(path)
+        for item in [value] if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ():
+            if isinstance(item, Mapping):
+                found.extend(_loading_keys(item, f"{path}.", depth + 1))
+    return sorted(set(found))
+PLAIN = (str, int, float, bool, type(None))
 
 
 def _check_plain(value: Any, where: str) -> None:
-    if isinstance(value, _PLAIN):
+    if isinstance(value, PLAIN):
         return
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
@@ -84,7 +130,7 @@ class ModuleSpec:
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"ModuleSpec target {self.target!r} cannot be imported: {err}") from err
-        loading = sorted(k for k, v in self.kwargs.items() if _LOADING_KWARG.search(k) and v not in (None, False))
+        loading = _loading_keys(self.kwargs)
         if loading and self.target not in ALLOWED_FACTORIES:
             raise ValueError(f"ModuleSpec {self.target!r}: kwargs {loading} could load files or weights; refused")
         if isinstance(obj, type) and issubclass(obj, nn.Module):
@@ -98,15 +144,13 @@ class ModuleSpec:
         return obj
 
     def _check_factory_kwargs(self) -> None:
-        import open_clip
-
-        extra = set(self.kwargs) - ALLOWED_FACTORIES[self.target]
+        allowed, check = ALLOWED_FACTORIES[self.target]
+        extra = set(self.kwargs) - allowed
         if extra:
             raise ValueError(f"ModuleSpec {self.target!r}: kwargs {sorted(extra)} are not allowed")
-        if self.kwargs.get("pretrained") is not None:
-            raise ValueError(f"ModuleSpec {self.target!r}: pretrained must be None (weights come from the checkpoint)")
-        if self.kwargs.get("model_name") not in open_clip.list_models():
-            raise ValueError(f"ModuleSpec {self.target!r}: unknown open_clip model {self.kwargs.get('model_name')!r}")
+        problem = check(self.kwargs) if check is not None else None
+        if problem:
+            raise ValueError(f"ModuleSpec {self.target!r}: {problem}")
 
     def build(self) -> nn.Module:
         """Construct the module (random weights) and remember this spec on it."""
@@ -129,14 +173,14 @@ class ModuleSpec:
 
     @classmethod
     def of(cls, module: nn.Module) -> ModuleSpec | None:
-        """The spec a module was built from, or one inferred for plain ``nn.Linear`` heads; else None."""
-        spec = getattr(module, _SPEC_ATTRIBUTE, None)
-        if isinstance(spec, ModuleSpec):
-            return spec
-        if type(module) is nn.Linear:
-            return cls(
-                "torch.nn:Linear",
-                {"in_features": module.in_features, "out_features": module.out_features,
-                 "bias": module.bias is not None},
-            )
-        return None
+        """How to rebuild ``module``: the spec it was built from, or one `paretomerge.kernels.builders.recognise`
+        finds for a recognised builder (torch.nn, open_clip, Hugging Face CLIPVisionModel, timm); else None."""
+        from paretomerge.kernels.builders import recognise  # builders imports this module
+
+        return recognise(module)
+
+
+def recorded_spec(module: nn.Module) -> ModuleSpec | None:
+    """The spec ``module`` was built from by `ModuleSpec.build`, if it was."""
+    spec = getattr(module, _SPEC_ATTRIBUTE, None)
+    return spec if isinstance(spec, ModuleSpec) else None

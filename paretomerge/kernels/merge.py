@@ -7,7 +7,9 @@ Every method (Pareto Merging, AdaMerging, the static baselines, MAP) is a choice
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -139,9 +141,45 @@ def merge(
     return merged
 
 
+def features_of(output: Any) -> Tensor:
+    """A backbone's features: its output when that is a tensor, or a Hugging Face output's ``pooler_output``
+    (a ``CLIPVisionModel``'s pooled, layer-normed class token, as FusionBench's CLIP heads read it)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("pooler_output"), Tensor):
+        return output["pooler_output"]
+    raise TypeError(
+        f"the backbone returned a {type(output).__name__}; a backbone must return its features as a tensor [B, D] "
+        "(or a Hugging Face output with pooler_output): wrap it in an nn.Module whose forward returns the features"
+    )
+
+
+_SHAPE_ERROR = re.compile(r"shape|size|dimension|mat1|mat2", re.I)
+
+
+def run_head(task: str, head: nn.Module, features: Tensor) -> Tensor:
+    """``head(features)``, saying which task's head does not accept the backbone's features, and their shape (other
+    errors, such as a wrong device, pass through as they are)."""
+    try:
+        return head(features)
+    except RuntimeError as err:  # mismatched shapes surface as RuntimeError
+        if isinstance(err, torch.OutOfMemoryError) or not _SHAPE_ERROR.search(str(err)):
+            raise
+        raise ValueError(f"the head of task {task!r} ({type(head).__name__}) does not accept the backbone's "
+                         f"features of shape {tuple(features.shape)} ({features.dtype}): {err}") from err
+
+
+def check_labels(logits: Tensor, labels: Tensor, task: str | None = None) -> None:
+    """Refuse labels outside a head's classes: its class count is its output width (no nn.Linear is looked for)."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
+        where = f"task {task!r}: " if task else ""
+        raise ValueError(f"{where}labels range over [{int(labels.min())}, {int(labels.max())}] but the head gives "
+                         f"{logits.shape[-1]} classes (logits {tuple(logits.shape)}); is it the right head?")
+
+
 def forward_features(backbone: nn.Module, params: Mapping[str, Tensor], images: Tensor) -> Tensor:
-    """Run ``backbone`` with ``params`` substituted for its own (buffers are its own)."""
-    return torch.func.functional_call(backbone, dict(params), (images,))
+    """Run ``backbone`` with ``params`` substituted for its own (buffers are its own); its features (`features_of`)."""
+    return features_of(torch.func.functional_call(backbone, dict(params), (images,)))
 
 
 def forward_features_many(backbone: nn.Module, params: Mapping[str, Tensor], images: Tensor) -> Tensor:
@@ -178,7 +216,7 @@ def forward_tasks(
     sizes = [batch[t].shape[0] for t in tasks]
     run = compiled_forward_features(compile_backend) if compile_backend else forward_features
     features = run(backbone, dict(params), torch.cat([batch[t] for t in tasks]))
-    return {t: heads[t](f) for t, f in zip(tasks, features.split(sizes), strict=True)}
+    return {t: run_head(t, heads[t], f) for t, f in zip(tasks, features.split(sizes), strict=True)}
 
 
 def select_model(params: Mapping[str, Tensor], index: int) -> dict[str, Tensor]:

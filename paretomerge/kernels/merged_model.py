@@ -8,6 +8,7 @@ from collections.abc import Collection, Mapping
 import torch
 from torch import Tensor, nn
 
+from paretomerge.kernels.merge import features_of, run_head
 from paretomerge.kernels.task_vectors import TaskVectors
 
 
@@ -25,7 +26,7 @@ class MergedModel(nn.Module):
     def forward(self, images: Tensor, task: str) -> Tensor:
         if task not in self.heads:
             raise KeyError(f"unknown task {task!r}; this model has tasks {list(self.task_names)}")
-        return self.heads[task](self.backbone(images))
+        return run_head(task, self.heads[task], features_of(self.backbone(images)))
 
 
 @torch.no_grad()

@@ -15,8 +15,11 @@ import torch
 from tensorly.tenalg import mode_dot, multi_mode_dot
 from torch import Tensor, nn
 
-# open_clip's attention projections: `attn.in_proj_weight` [3d, d] and `attn.out_proj.weight` [d, d].
-DEFAULT_TARGETS = r"(^|\.)attn\.(in_proj_weight|out_proj\.weight)$"
+# The attention projections, as open_clip and torchvision name them (nn.MultiheadAttention: `attn.in_proj_weight`
+# [3d, d], `attn.out_proj.weight` [d, d]; torchvision's module is `self_attention`), and Hugging Face CLIP
+# (`self_attn.q_proj.weight`, k, v, out) and timm (`attn.qkv.weight`, `attn.proj.weight`).
+DEFAULT_TARGETS = (r"(^|\.)(attn\.(in_proj_weight|out_proj\.weight|qkv\.weight|proj\.weight)"
+                   r"|self_attention\.(in_proj_weight|out_proj\.weight)|self_attn\.(q|k|v|out)_proj\.weight)$")
 
 
 def select_targets(params: Mapping[str, Tensor], pattern: str) -> dict[str, tuple[int, ...]]:
@@ -31,7 +34,9 @@ def select_targets(params: Mapping[str, Tensor], pattern: str) -> dict[str, tupl
     }
     if not chosen:
         examples = [n for n, p in params.items() if p.ndim >= 2][:5]
-        raise ValueError(f"targets pattern {pattern!r} matches no ≥2-D weight; some candidates: {examples}")
+        raise ValueError(f"targets pattern {pattern!r} matches no ≥2-D weight of this backbone; some candidates: "
+                         f"{examples}. Pass targets='<regex>' naming the weights the preference tensor should adapt, "
+                         "or targets=None for no preference tensor")
     return chosen
 
 

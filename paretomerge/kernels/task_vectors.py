@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from paretomerge.kernels import sparsify
 from paretomerge.kernels.architecture import ModuleSpec
+from paretomerge.kernels.builders import recognise
+
+
+class _NotLookedFor:
+    """A spec not looked for yet (a class, so that the marker survives ``copy.deepcopy`` and pickling)."""
+
+
+_UNKNOWN: Any = _NotLookedFor()
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -36,16 +45,10 @@ def check_task_names(task_names: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def num_classes_of(head: nn.Module) -> int:
-    """Output width of a head: its last ``nn.Linear``."""
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"cannot tell the number of classes of head {type(head).__name__}: it has no nn.Linear")
-    return linears[-1].out_features
-
-
 class TaskVectors:
-    """θ0 + stacked task vectors + heads. Build with `from_state_dicts` (or `base_only` for a checkpoint)."""
+    """θ0 + stacked task vectors + heads. Build with `from_state_dicts` or `from_models`.
+
+    ``tau=None`` holds only a merged base θ0 + Σλτ (what a `.ckpt` carries)."""
 
     def __init__(
         self,
@@ -53,17 +56,35 @@ class TaskVectors:
         tau: Mapping[str, Tensor] | None,
         heads: Mapping[str, nn.Module],
         task_names: Sequence[str],
-        backbone_spec: ModuleSpec,
-        head_specs: Mapping[str, ModuleSpec],
+        backbone_spec: ModuleSpec | None = None,
+        head_specs: Mapping[str, ModuleSpec | None] | None = None,
     ) -> None:
         self.backbone = _freeze(backbone)
         self.task_names = check_task_names(task_names)
         self.heads = nn.ModuleDict({name: _freeze(heads[name]) for name in self.task_names})
-        self.backbone_spec = backbone_spec
-        self.head_specs = dict(head_specs)
+        # How a .ckpt rebuilds them; what is not given is recognised when first asked for (`backbone_spec`).
+        self._backbone_spec = backbone_spec if backbone_spec is not None else _UNKNOWN
+        self._head_specs = {t: (head_specs or {}).get(t) or _UNKNOWN for t in self.task_names}
         # The merged layers, in a fixed order: index l of λ[l, k] is layer_names[l].
         self.layer_names = tuple(n for n, p in self.backbone.named_parameters() if p.is_floating_point())
         self.tau = dict(tau) if tau is not None else None
+
+    @property
+    def backbone_spec(self) -> ModuleSpec | None:
+        """How a fresh process rebuilds the backbone: the spec given, or one `builders.recognise` finds (looked for
+        once, when first needed: only a checkpoint needs it); None when the backbone is not a recognised builder's,
+        and a checkpoint then needs ``backbone=`` to load."""
+        if isinstance(self._backbone_spec, _NotLookedFor):
+            self._backbone_spec = recognise(self.backbone)
+        return self._backbone_spec
+
+    @property
+    def head_specs(self) -> dict[str, ModuleSpec | None]:
+        """task -> how to rebuild its head (as `backbone_spec`), None where it cannot be recorded."""
+        for task, spec in self._head_specs.items():
+            if isinstance(spec, _NotLookedFor):
+                self._head_specs[task] = recognise(self.heads[task])
+        return dict(self._head_specs)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -83,9 +104,12 @@ class TaskVectors:
         ``finetuned`` holds one state dict per task, or a function returning it: functions are called one at a
         time and their result dropped once its row of every stack is written, so a large model needs memory for
         θ0, the K stacks and one fine-tuned state dict, never all K at once.
-        ``dtype`` stores τ in another dtype (``torch.bfloat16`` halves memory); merging computes in θ0's
-        dtype. ``backbone_spec`` tells a fresh process how to rebuild the backbone; it may be left out when
-        ``pretrained`` was built by ``ModuleSpec.build``. ``copy_backbone=False`` freezes and keeps ``pretrained``
+        ``pretrained`` and ``heads`` may be any ``nn.Module``s: a backbone returning features ``[B, D]`` (or a Hugging
+        Face output with ``pooler_output``), heads taking them to logits. ``dtype`` stores τ in another dtype
+        (``torch.bfloat16`` halves memory); merging computes in θ0's dtype. ``backbone_spec`` tells a fresh process how
+        to rebuild the backbone; left out, a checkpoint records what `builders.recognise` finds (modules built by
+        ``ModuleSpec.build``, torch.nn, open_clip by name, HF ``CLIPVisionModel``, timm), or else needs
+        ``load_from_checkpoint(path, backbone=...)``. ``copy_backbone=False`` freezes and keeps ``pretrained``
         itself instead of a copy (one model's memory less; the caller must not train it afterwards).
         """
         if not isinstance(pretrained, nn.Module):
@@ -104,22 +128,6 @@ class TaskVectors:
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"task-vector dtype must be floating point, got {dtype}")
 
-        backbone_spec = backbone_spec or ModuleSpec.of(pretrained)
-        if backbone_spec is None:
-            raise ValueError(
-                f"cannot record how to rebuild the {type(pretrained).__name__} backbone: pass "
-                "backbone_spec=ModuleSpec(...) or build the backbone with ModuleSpec.build()"
-            )
-        head_specs = {}
-        for name in names:
-            spec = ModuleSpec.of(heads[name])
-            if spec is None:
-                raise ValueError(
-                    f"cannot record how to rebuild the head of task {name!r} ({type(heads[name]).__name__}); "
-                    "use nn.Linear heads or build them with ModuleSpec.build()"
-                )
-            head_specs[name] = spec
-
         for task, item in zip(names, finetuned, strict=True):
             if isinstance(item, nn.Module) or not (isinstance(item, Mapping) or callable(item)):
                 raise TypeError(f"task {task!r}: fine-tuned weights must be a state dict or a function returning "
@@ -137,26 +145,37 @@ class TaskVectors:
                     tau[layer][k] = state[layer].to(theta0.device, theta0.dtype) - theta0
             del state  # a loaded state dict is freed before the next one is read
         heads_copy = {name: copy.deepcopy(heads[name]) for name in names}
-        return cls(backbone, tau, heads_copy, names, backbone_spec, head_specs)
+        return cls(backbone, tau, heads_copy, names, backbone_spec)  # the rest is recognised when first needed
 
     @classmethod
-    def base_only(
+    def from_models(
         cls,
-        backbone_spec: ModuleSpec,
-        base_state: Mapping[str, Tensor],
-        head_specs: Mapping[str, ModuleSpec],
-        head_states: Mapping[str, Mapping[str, Tensor]],
+        pretrained: nn.Module,
+        finetuned_models: Sequence[nn.Module | Callable[[], nn.Module]],
         task_names: Sequence[str],
+        heads: Mapping[str, nn.Module],
+        **options: Any,
     ) -> TaskVectors:
-        """A backbone whose weights already are θ0 + Σλτ, with no task vectors (what a `.ckpt` carries)."""
-        backbone = backbone_spec.build()
-        backbone.load_state_dict(base_state, strict=True)
-        heads = {}
-        for name in task_names:
-            head = head_specs[name].build()
-            head.load_state_dict(head_states[name], strict=True)
-            heads[name] = head
-        return cls(backbone, None, heads, task_names, backbone_spec, head_specs)
+        """`from_state_dicts` from fine-tuned modules, or functions returning one (called one at a time, each
+        module's weights read and dropped before the next is made). ``options`` are `from_state_dicts`'s."""
+        if isinstance(finetuned_models, Mapping) or not isinstance(finetuned_models, Sequence):
+            raise TypeError("finetuned_models must be a sequence of modules (or functions returning one), one per task")
+
+        def weights_of(index: int, item: Any) -> Callable[[], Mapping[str, Tensor]]:
+            def read() -> Mapping[str, Tensor]:
+                model = item() if callable(item) and not isinstance(item, nn.Module) else item
+                if not isinstance(model, nn.Module):
+                    raise TypeError(f"fine-tuned model {index} is a {type(model).__name__}, not an nn.Module "
+                                    "(for state dicts, use TaskVectors.from_state_dicts)")
+                return model.state_dict()
+            return read
+
+        for index, item in enumerate(finetuned_models):
+            if not (isinstance(item, nn.Module) or callable(item)):
+                raise TypeError(f"fine-tuned model {index} is a {type(item).__name__}, not an nn.Module or a "
+                                "function returning one (for state dicts, use TaskVectors.from_state_dicts)")
+        return cls.from_state_dicts(pretrained, [weights_of(i, m) for i, m in enumerate(finetuned_models)],
+                                    task_names, heads, **options)
 
     # ---------------------------------------------------------------- preprocessing (SPEC §5)
     def with_tau(self, tau: Mapping[str, Tensor]) -> TaskVectors:
@@ -164,8 +183,7 @@ class TaskVectors:
         own = self._require_tau("with_tau")
         if set(tau) != set(own) or any(tuple(tau[n].shape) != tuple(own[n].shape) for n in own):
             raise ValueError("with_tau: the new task vectors must have the same layers and shapes")
-        return TaskVectors(self.backbone, {n: tau[n] for n in own}, self.heads, self.task_names,
-                           self.backbone_spec, self.head_specs)
+        return self._sharing({n: tau[n] for n in own}, self.task_names)
 
     def subset(self, task_names: Sequence[str]) -> TaskVectors:
         """The same θ0 with only ``task_names`` (in that order): their task vectors and heads, shared, not copied."""
@@ -175,8 +193,13 @@ class TaskVectors:
             raise ValueError(f"unknown tasks {unknown}; these task vectors have {list(self.task_names)}")
         rows = [self.task_names.index(t) for t in names]
         tau = {n: t[rows] for n, t in self._require_tau("subset").items()}
-        return TaskVectors(self.backbone, tau, {t: self.heads[t] for t in names}, names, self.backbone_spec,
-                           {t: self.head_specs[t] for t in names})
+        return self._sharing(tau, names)
+
+    def _sharing(self, tau: Mapping[str, Tensor], names: Sequence[str]) -> TaskVectors:
+        """These θ0 and heads (shared) with other task vectors, for ``names``; specs as known so far."""
+        out = TaskVectors(self.backbone, tau, {t: self.heads[t] for t in names}, names)
+        out._backbone_spec, out._head_specs = self._backbone_spec, {t: self._head_specs[t] for t in names}
+        return out
 
     def ties(self, top_k: float = 0.2, disjoint_mean: bool = False) -> TaskVectors:
         """TIES-preprocessed task vectors: each τ_k trimmed to its top ``top_k`` entries by magnitude (ranked over
@@ -210,10 +233,6 @@ class TaskVectors:
         """The merged layers of θ0 (the backbone's own frozen parameters, not copies)."""
         params = dict(self.backbone.named_parameters())
         return {name: params[name] for name in self.layer_names}
-
-    @property
-    def num_classes(self) -> dict[str, int]:
-        return {name: num_classes_of(self.heads[name]) for name in self.task_names}
 
     @property
     def device(self) -> torch.device:

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from paretomerge.kernels import TaskVectors, forward_features, forward_features_many, merge, select_model
+from paretomerge.kernels import TaskVectors, forward_features, forward_features_many, merge, run_head, select_model
 
 METRICS = ("accuracy", "loss")
 
@@ -67,8 +67,8 @@ class MergeEvaluator:
             if task not in tasks:
                 continue
             images, labels = self.data[task]
-            logits = torch.cat([self._features(params, num_models, x) for x in images.split(self.batch_size)], dim=1)
-            logits = self.tv.heads[task](logits)  # [M, N, C]
+            features = torch.cat([self._features(params, num_models, x) for x in images.split(self.batch_size)], dim=1)
+            logits = torch.stack([run_head(task, self.tv.heads[task], f) for f in features])  # [M, N, C]
             for m in range(num_models):
                 if self.metric == "accuracy":
                     scores[m, k] = float(multiclass_accuracy(logits[m], labels, logits.shape[-1], average="micro"))

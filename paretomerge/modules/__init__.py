@@ -3,7 +3,7 @@
 from paretomerge.kernels import MergedModel
 from paretomerge.modules.adamerging import AdaMerging
 from paretomerge.modules.base import MergingModule
-from paretomerge.modules.checkpoint import CheckpointError
+from paretomerge.modules.checkpoint import CheckpointError, MissingModulesError
 from paretomerge.modules.export import ParetoSet, export_pareto_set, load_pareto_set
 from paretomerge.modules.pareto_merging import ParetoMerging
 from paretomerge.modules.selection import UnseenTaskSelection, select_for_unseen_task
@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "MergedModel",
     "MergingModule",
+    "MissingModulesError",
     "ParetoMerging",
     "ParetoSet",
     "UnseenTaskSelection",

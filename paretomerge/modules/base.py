@@ -12,10 +12,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
 
-from paretomerge.kernels import MergedModel, TaskVectors, forward_tasks, materialize, merge
+from paretomerge.kernels import MergedModel, TaskVectors, check_labels, forward_tasks, materialize, merge
 from paretomerge.kernels.sparsify import check_fraction
 from paretomerge.modules import checkpoint as ckpt
 from paretomerge.preferences import equal_and_one_hots, preference_for
@@ -67,6 +68,7 @@ class MergingModule(L.LightningModule):
         self.accuracy = nn.ModuleDict()
         self._base_cache: tuple[int, Tensor, dict[str, Tensor]] | None = None  # (id of τ, λ, base)
         self._stored_basis: dict[str, Tensor] | None = None  # a .ckpt's τ, when the coefficients depend on γ
+        self._said_unrecorded = False  # the warning that a .ckpt needs backbone=/heads= to load is given once
 
     # ------------------------------------------------------------------ task vectors and trainables
     def attach(self, task_vectors: TaskVectors) -> None:
@@ -102,9 +104,11 @@ class MergingModule(L.LightningModule):
         self.lambdas = nn.Parameter(torch.full(shape, float(self.hparams.lambda_init), device=self.device))
 
     def _build_metrics(self, tv: TaskVectors) -> None:
+        # Top-1 accuracy as the mean of correct predictions (torchmetrics syncs it across processes): it needs no class
+        # count, which a head only tells by its output (`_evaluate_step` checks the labels against that).
         for stage in ("val", "test"):
             self.accuracy[stage] = nn.ModuleList(
-                nn.ModuleList(MulticlassAccuracy(num_classes=c, average="micro") for c in tv.num_classes.values())
+                nn.ModuleList(MeanMetric() for _ in tv.task_names)
                 for _ in range(self.evaluation_preferences(tv.num_tasks).shape[0])
             ).to(self.device)
 
@@ -285,7 +289,10 @@ class MergingModule(L.LightningModule):
             logits = self(images, gamma)
             for k, task in enumerate(tv.task_names):
                 if task in labeled:
-                    self.accuracy[stage][p][k].update(logits[task], labeled[task][1])
+                    labels = labeled[task][1]
+                    if p == 0:
+                        check_labels(logits[task], labels, task)
+                    self.accuracy[stage][p][k].update((logits[task].argmax(-1) == labels).float())
 
     def _evaluate_epoch_end(self, stage: str) -> None:
         tv = self._tv()
@@ -334,12 +341,19 @@ class MergingModule(L.LightningModule):
         return dict(self._base_cache[2])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[ckpt.SECTION] = ckpt.pack(self._tv(), self.base_parameters(), self.coefficient_basis())
+        tv = self._tv()
+        missing = ckpt.unrecorded(tv)
+        if missing and not self._said_unrecorded:
+            self._said_unrecorded = True
+            rank_zero_warn(f"{type(self).__name__}: this checkpoint records no way to rebuild "
+                           f"{' and '.join(ckpt.describe_missing(missing))}; loading it will need "
+                           f"{ckpt.needs_message(missing, type(self).__name__ + '.load_from_checkpoint')}")
+        checkpoint[ckpt.SECTION] = ckpt.pack(tv, self.base_parameters(), self.coefficient_basis())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         section = ckpt.section_of(checkpoint)
         if self.task_vectors is None:
-            self.attach(ckpt.unpack(section))
+            self.attach(ckpt.unpack(section, loader=f"{type(self).__name__}.load_from_checkpoint"))
             self._stored_basis = ckpt.unpack_basis(section, self.task_vectors)
             return
         ckpt.check_compatible(ckpt.section_signature(section), self.task_vectors, "the checkpoint")
@@ -355,12 +369,21 @@ class MergingModule(L.LightningModule):
         hparams_file: Any = None,
         strict: bool | None = None,
         weights_only: bool = True,
+        backbone: nn.Module | None = None,
+        heads: Mapping[str, nn.Module] | None = None,
         **kwargs: Any,
     ):
-        """Lightning's loader, after checking the file; unpickles nothing but weights unless told to."""
-        if not hasattr(checkpoint_path, "read"):
-            ckpt.inspect_checkpoint(checkpoint_path, weights_only=weights_only)
-        return super().load_from_checkpoint(
-            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
-            weights_only=weights_only, **kwargs,
-        )
+        """Lightning's loader, after checking the file; unpickles nothing but weights unless told to.
+
+        ``backbone`` and ``heads`` (task -> module) rebuild what the checkpoint could not record (a backbone or heads
+        that are not a recognised builder's: it says so at save, and loading without them names them): modules of
+        the same class and parameter shapes, whose weights are replaced by the checkpoint's (copies are loaded; the
+        modules given are left as they are). Other ``kwargs`` override hyperparameters, as in Lightning.
+        """
+        with ckpt.supplied_modules(backbone, heads):  # checks their types first
+            if not hasattr(checkpoint_path, "read"):
+                ckpt.inspect_checkpoint(checkpoint_path, weights_only=weights_only)
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
+                weights_only=weights_only, **kwargs,
+            )

@@ -5,21 +5,29 @@ the merged layers replaced), the head weights, and how to rebuild both. For the 
 that is all ``at(γ)`` needs, and its size does not grow with K. With preference-conditioned coefficients (ours) the
 section also holds ``basis``, the stacked task vectors: ``at(γ)`` adds Σ_k (c_k(γ) − λ_k) τ_k to the base, which
 costs K more backbones of storage in τ's dtype (benchmarks/bench_checkpoint_size.py).
+
+A backbone or head that is not a recognised builder's (`kernels.builders.recognise`) is recorded by its class only;
+loading then takes the module itself: ``load_from_checkpoint(path, backbone=..., heads={...})`` (`supplied_modules`),
+checked against the stored names and shapes before anything is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from paretomerge.kernels import ModuleSpec, TaskVectors, merge
+from paretomerge.kernels.builders import class_name, shape_difference
 
 SECTION = "paretomerge"
 FORMAT = 1
@@ -27,6 +35,10 @@ FORMAT = 1
 
 class CheckpointError(ValueError):
     """A checkpoint that is truncated, corrupt, of the wrong kind, or from another task set."""
+
+
+class MissingModulesError(CheckpointError):
+    """A checkpoint whose backbone or heads cannot be rebuilt from it, loaded without ``backbone=`` / ``heads=``."""
 
 
 def check_checkpoint_file(path: str | os.PathLike) -> None:
@@ -80,8 +92,10 @@ def pack(task_vectors: TaskVectors, base: Mapping[str, Tensor],
         "format": FORMAT,
         "task_names": list(task_vectors.task_names),
         "layer_names": list(task_vectors.layer_names),
-        "backbone_spec": task_vectors.backbone_spec.to_dict(),
-        "head_specs": {t: s.to_dict() for t, s in task_vectors.head_specs.items()},
+        "backbone_spec": _record(task_vectors.backbone_spec),
+        "head_specs": {t: _record(s) for t, s in task_vectors.head_specs.items()},
+        "backbone_class": class_name(task_vectors.backbone),
+        "head_classes": {t: class_name(h) for t, h in task_vectors.heads.items()},
         "base": state,
         "heads": {
             t: {k: v.detach().cpu() for k, v in task_vectors.heads[t].state_dict().items()}
@@ -105,16 +119,132 @@ def section_of(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
     return section
 
 
-def unpack(section: Mapping[str, Any]) -> TaskVectors:
-    """A base-only `TaskVectors` (no τ) rebuilt from the section, in a process that has nothing else."""
+def _record(spec: ModuleSpec | None) -> dict[str, Any] | None:
+    return None if spec is None else spec.to_dict()
+
+
+def unrecorded(task_vectors: TaskVectors) -> dict[str, Any]:
+    """What a checkpoint of these task vectors cannot rebuild by itself: ``{"backbone": class name}`` if the backbone
+    is not a recognised builder's, ``{"heads": {task: class name}}`` for such heads; empty when it needs nothing."""
+    missing: dict[str, Any] = {}
+    if task_vectors.backbone_spec is None:
+        missing["backbone"] = class_name(task_vectors.backbone)
+    heads = {t: class_name(task_vectors.heads[t]) for t, s in task_vectors.head_specs.items() if s is None}
+    if heads:
+        missing["heads"] = heads
+    return missing
+
+
+def needs_message(missing: Mapping[str, Any], loader: str) -> str:
+    """``missing`` (as `unrecorded`) said as the keyword arguments ``loader`` needs."""
+    parts = []
+    if "backbone" in missing:
+        parts.append(f"backbone=<{missing['backbone']}>")
+    if "heads" in missing:
+        parts.append("heads={" + ", ".join(f"{t!r}: <{c}>" for t, c in missing["heads"].items()) + "}")
+    return f"{loader}(path, {', '.join(parts)})"
+
+
+_SUPPLIED: ContextVar[dict[str, Any] | None] = ContextVar("paretomerge_supplied_modules", default=None)
+
+
+@contextlib.contextmanager
+def supplied_modules(backbone: nn.Module | None, heads: Mapping[str, nn.Module] | None) -> Iterator[None]:
+    """Make ``backbone`` and ``heads`` (given to ``load_from_checkpoint``) available to `unpack` inside the block:
+    Lightning passes a loader's extra kwargs to the constructor, which has no use for modules."""
+    check_supplied_types(backbone, heads)
+    token = _SUPPLIED.set({"backbone": backbone, "heads": dict(heads or {})})
+    try:
+        yield
+    finally:
+        _SUPPLIED.reset(token)
+
+
+def check_supplied_types(backbone: Any, heads: Any) -> None:
+    if backbone is not None and not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone= must be an nn.Module, got {type(backbone).__name__}")
+    if heads is not None:
+        if not isinstance(heads, Mapping):
+            raise TypeError(f"heads= must be a dict task -> nn.Module, got {type(heads).__name__}")
+        for task, head in heads.items():
+            if not isinstance(head, nn.Module):
+                raise TypeError(f"heads[{task!r}] must be an nn.Module, got {type(head).__name__}")
+
+
+def _check_given(what: str, module: nn.Module, recorded_class: str | None, state: Mapping[str, Tensor]) -> None:
+    """Refuse a supplied module of another class, or with other parameter names or shapes, naming the first
+    difference. Classes are compared by name, not module path (``__main__.Net`` in a notebook is ``mypkg.Net``)."""
+    got = class_name(module)
+    if recorded_class is not None and got.rsplit(".", 1)[-1] != recorded_class.rsplit(".", 1)[-1]:
+        raise CheckpointError(f"{what} is a {got}, but the checkpoint's is a {recorded_class}")
+    difference = shape_difference(state, module.state_dict())
+    if difference is not None:
+        name, theirs, ours = difference
+        if ours is None:
+            raise CheckpointError(f"{what} ({got}) has no {name!r}, which the checkpoint has (another architecture?)")
+        if theirs is None:
+            raise CheckpointError(f"{what} ({got}) has {name!r}, which the checkpoint does not (another architecture?)")
+        raise CheckpointError(f"{what} ({got}): {name!r} has shape {ours} but {theirs} in the checkpoint")
+
+
+def unpack(section: Mapping[str, Any], backbone: nn.Module | None = None,
+           heads: Mapping[str, nn.Module] | None = None, loader: str = "load_from_checkpoint") -> TaskVectors:
+    """A base-only `TaskVectors` (no τ) rebuilt from the section, in a process that has nothing else.
+
+    ``backbone`` and ``heads`` (task -> module; by default those of `supplied_modules`) replace what the section cannot
+    rebuild by itself, or what it could; they are checked against the stored weights' names and shapes first, then
+    copied (the caller's modules are left as they are) and loaded. Nothing is built or loaded before every check has
+    passed. ``loader`` names the function for the messages.
+    """
+    supplied = _SUPPLIED.get() or {}  # `supplied_modules` checked their types; `load_pareto_set` checks its own
+    backbone = backbone if backbone is not None else supplied.get("backbone")
+    heads = dict(heads if heads is not None else supplied.get("heads") or {})
     try:
         names = list(section["task_names"])
-        head_specs = {t: ModuleSpec.from_dict(section["head_specs"][t]) for t in names}
-        return TaskVectors.base_only(
-            ModuleSpec.from_dict(section["backbone_spec"]), section["base"], head_specs, section["heads"], names
-        )
+        backbone_record, head_records = section["backbone_spec"], section["head_specs"]
+        classes = section.get("head_classes", {})
+        missing: dict[str, Any] = {}
+        if backbone is None and backbone_record is None:
+            missing["backbone"] = section.get("backbone_class", "the backbone class it was trained with")
+        missing_heads = {t: classes.get(t, "head") for t in names if t not in heads and head_records[t] is None}
+        if missing_heads:
+            missing["heads"] = missing_heads
+        if missing:
+            raise MissingModulesError(
+                f"this checkpoint records no way to rebuild {' and '.join(describe_missing(missing))} (not a "
+                "recognised builder's); pass: "
+                f"{needs_message(missing, loader)}, with modules of that architecture (the checkpoint's weights are "
+                "loaded into copies of them)")
+        unknown = [t for t in heads if t not in names]
+        if unknown:
+            raise CheckpointError(f"heads= has tasks {unknown} that this checkpoint does not have (it has {names})")
+        if backbone is not None:
+            _check_given("backbone=", backbone, section.get("backbone_class"), section["base"])
+        for task, head in heads.items():
+            _check_given(f"heads[{task!r}]", head, classes.get(task), section["heads"][task])
+        specs = {t: None if head_records[t] is None else ModuleSpec.from_dict(head_records[t]) for t in names}
+        backbone_spec = None if backbone_record is None else ModuleSpec.from_dict(backbone_record)
+        built = copy.deepcopy(backbone) if backbone is not None else backbone_spec.build()
+        built.load_state_dict(section["base"], strict=True)
+        rebuilt_heads = {}
+        for task in names:
+            head = copy.deepcopy(heads[task]) if task in heads else specs[task].build()
+            head.load_state_dict(section["heads"][task], strict=True)
+            rebuilt_heads[task] = head
+        return TaskVectors(built, None, rebuilt_heads, names, backbone_spec, specs)
+    except CheckpointError:
+        raise
     except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"cannot rebuild the model recorded in the checkpoint: {err}") from err
+
+
+def describe_missing(missing: Mapping[str, Any]) -> list[str]:
+    out = []
+    if "backbone" in missing:
+        out.append(f"its backbone ({missing['backbone']})")
+    if "heads" in missing:
+        out.append(f"the heads of tasks {list(missing['heads'])}")
+    return out
 
 
 def unpack_basis(section: Mapping[str, Any], task_vectors: TaskVectors) -> dict[str, Tensor] | None:
@@ -156,15 +286,16 @@ def check_compatible(expected: Mapping[str, Any], task_vectors: TaskVectors, sou
             f"{source} is from another task set: it has tasks {expected['task_names']}, the task vectors have "
             f"{got['task_names']}"
         )
-    for what in ("shapes", "heads"):
-        for name in dict.fromkeys([*expected[what], *got[what]]):
-            theirs, ours = expected[what].get(name), got[what].get(name)
-            if theirs != ours:
-                part = "backbone parameter" if what == "shapes" else "head of task"
-                raise CheckpointError(
-                    f"{source} is for another architecture: {part} {name!r} is {theirs} there but {ours} in the "
-                    "task vectors"
-                )
+    difference = shape_difference(expected["shapes"], got["shapes"])
+    if difference is not None:
+        name, theirs, ours = difference
+        raise CheckpointError(f"{source} is for another architecture: backbone parameter {name!r} is {theirs} there "
+                              f"but {ours} in the task vectors")
+    for task in dict.fromkeys([*expected["heads"], *got["heads"]]):
+        theirs, ours = expected["heads"].get(task), got["heads"].get(task)
+        if theirs != ours:
+            raise CheckpointError(f"{source} is for another architecture: head of task {task!r} is {theirs} there but "
+                                  f"{ours} in the task vectors")
 
 
 def check_same_weights(section: Mapping[str, Any], task_vectors: TaskVectors, lambdas: Tensor) -> None:

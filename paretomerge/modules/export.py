@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from paretomerge.kernels import MergedModel, PreferenceTensor, TaskVectors, materialize, merge, preference_coefficients
 from paretomerge.modules import checkpoint as ckpt
@@ -53,6 +54,11 @@ def export_pareto_set(module: MergingModule, path: str | os.PathLike) -> Path:
     if path.suffix != ".safetensors":
         raise ValueError(f"the export is a .safetensors file; got {str(path)!r}")
     tv = module._tv()
+    missing = ckpt.unrecorded(tv)
+    if missing:
+        warnings.warn(f"export_pareto_set: {str(path)!r} records no way to rebuild "
+                      f"{' and '.join(ckpt.describe_missing(missing))}; loading it will need "
+                      f"{ckpt.needs_message(missing, 'load_pareto_set')}", stacklevel=2)
     # the same base, heads, specs (and basis) as a .ckpt holds
     section = ckpt.pack(tv, module.base_parameters(), module.coefficient_basis())
     tensors = {f"base/{name}": t for name, t in section["base"].items()}
@@ -74,6 +80,8 @@ def export_pareto_set(module: MergingModule, path: str | os.PathLike) -> Path:
         "task_names": list(tv.task_names),
         "backbone_spec": section["backbone_spec"],
         "head_specs": [section["head_specs"][t] for t in tv.task_names],
+        "backbone_class": section["backbone_class"],
+        "head_classes": [section["head_classes"][t] for t in tv.task_names],
         "targets": targets,
         "rank": pt.rank if pt is not None else None,
         "preference_coefficients": "basis" in section,
@@ -142,8 +150,14 @@ class ParetoSet:
         return f"ParetoSet(tasks={list(self.task_names)}, {kind}, module={self.config['module']})"
 
 
-def load_pareto_set(path: str | os.PathLike) -> ParetoSet:
-    """Read a file written by `export_pareto_set` (or ``paretomerge export``); refuses anything else."""
+def load_pareto_set(path: str | os.PathLike, backbone: nn.Module | None = None,
+                    heads: Mapping[str, nn.Module] | None = None) -> ParetoSet:
+    """Read a file written by `export_pareto_set` (or ``paretomerge export``); refuses anything else.
+
+    ``backbone`` and ``heads`` (task -> module) rebuild what the file could not record, as for
+    ``ParetoMerging.load_from_checkpoint``: modules of the same class and shapes; copies of them get the weights.
+    """
+    ckpt.check_supplied_types(backbone, heads)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Pareto set {str(path)!r} does not exist or is not a file")
@@ -165,11 +179,13 @@ def load_pareto_set(path: str | os.PathLike) -> ParetoSet:
         section = {  # the .ckpt section's shape, rebuilt by the same code
             "task_names": names, "backbone_spec": config["backbone_spec"],
             "head_specs": dict(zip(names, config["head_specs"], strict=True)),
+            "backbone_class": config.get("backbone_class"),
+            "head_classes": dict(zip(names, config.get("head_classes") or [None] * len(names), strict=True)),
             "base": {key[len("base/"):]: t for key, t in tensors.items() if key.startswith("base/")},
             "heads": {task: {key.split("/", 2)[2]: t for key, t in tensors.items() if key.startswith(f"heads/{index}/")}
                       for index, task in enumerate(names)},
         }
-        tv = ckpt.unpack(section)
+        tv = ckpt.unpack(section, backbone, heads, loader="load_pareto_set")
         preference_tensor = None
         if config["targets"]:
             shapes = {t["name"]: tuple(t["shape"]) for t in config["targets"]}
@@ -188,6 +204,8 @@ def load_pareto_set(path: str | os.PathLike) -> ParetoSet:
             section["basis"] = {key[len("basis/"):]: t for key, t in tensors.items() if key.startswith("basis/")}
             coefficients = {"lambdas": tensors["coefficients/lambdas"], "omega": tensors["coefficients/omega"],
                             "basis": ckpt.unpack_basis(section, tv)}
+    except CheckpointError:
+        raise
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(f"cannot rebuild the Pareto set stored in {str(path)!r}: {err}") from err
     return ParetoSet(tv, preference_tensor, config, coefficients)

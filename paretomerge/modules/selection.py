@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from paretomerge.kernels import MergedModel, forward_features
+from paretomerge.kernels import MergedModel, forward_features, run_head
 from paretomerge.modules.base import MergingModule
 from paretomerge.objectives import entropy
 from paretomerge.preferences import dirichlet_set
@@ -51,7 +51,7 @@ def select_for_unseen_task(module: MergingModule, images: Tensor, head: nn.Modul
         params = module.merged_parameters(gamma.to(module.device))
         total = 0.0
         for chunk in images.split(batch_size):
-            logits = head(forward_features(tv.backbone, params, chunk.to(module.device)))
+            logits = run_head(task, head, forward_features(tv.backbone, params, chunk.to(module.device)))
             total += float(entropy(logits)) * chunk.shape[0]
         entropies.append(total / images.shape[0])
     entropies = torch.tensor(entropies, dtype=torch.float64)

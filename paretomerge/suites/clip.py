@@ -348,8 +348,7 @@ class CLIPSuite(LightningDataModule):
         if unknown:
             raise KeyError(f"unknown task(s) {unknown}; this suite has {list(self.tasks)}")
         device = next(net.parameters()).device
-        return {task: top1_accuracy(lambda x, task=task: net(x.to(device), task=task), self._batches(task, split),
-                                    len(self._split(task, split).class_names))
+        return {task: top1_accuracy(lambda x, task=task: net(x.to(device), task=task), self._batches(task, split))
                 for task in tasks or self.tasks}
 
     def _batches(self, task: str, split: str) -> DataLoader:

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Sampler
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
+
+from paretomerge.kernels import check_labels
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -38,11 +40,14 @@ class EpochShuffle(Sampler[int]):
 
 
 @torch.no_grad()
-def top1_accuracy(predict: Callable[[Tensor], Tensor], batches: Iterable[tuple[Tensor, Tensor]],
-                  num_classes: int) -> float:
-    """Top-1 accuracy (torchmetrics, as the modules log it) of ``predict(images) -> logits`` over ``batches``.
-    Computed in this process alone: never all-gathered (under DDP, often only rank zero evaluates)."""
-    metric = MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False)
+def top1_accuracy(predict: Callable[[Tensor], Tensor], batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """Top-1 accuracy (the fraction of argmax predictions equal to the label, as the modules log it) of
+    ``predict(images) -> logits`` over ``batches``; the class count is the logits' width. Computed in this process
+    alone: never all-gathered (under DDP, often only rank zero evaluates)."""
+    metric = MeanMetric(sync_on_compute=False)
     for images, labels in batches:
-        metric.update(predict(images).argmax(-1).cpu(), labels)
+        logits = predict(images)
+        labels = labels.to(logits.device)
+        check_labels(logits, labels)
+        metric.update((logits.argmax(-1) == labels).float().cpu())
     return float(metric.compute())

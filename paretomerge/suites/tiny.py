@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from paretomerge.kernels import TaskVectors, forward_features
+from paretomerge.kernels import TaskVectors, forward_features, run_head
 from paretomerge.static import static_merge, task_wise
 from paretomerge.suites import cache
 from paretomerge.suites.loaders import EpochShuffle, derive_seed, top1_accuracy
@@ -236,7 +236,8 @@ class TinySuite(LightningDataModule):
         theta0 = task_wise(tv, [0.0] * num_tasks)
 
         def accuracy(params: dict[str, Tensor], tasks: Sequence[str] | None = None) -> dict[str, float]:
-            return self._accuracies(lambda x, t: heads[t](forward_features(backbone, params, x)), tasks=tasks)
+            return self._accuracies(lambda x, t: run_head(t, heads[t], forward_features(backbone, params, x)),
+                                    tasks=tasks)
 
         one_hot = np.eye(num_tasks).tolist()
         columns = {  # θ0 alone (zero-shot), θ0 + τ_k, and the static merges of SPEC §5
@@ -291,7 +292,7 @@ class TinySuite(LightningDataModule):
                     tasks: Sequence[str] | None = None) -> dict[str, float]:
         """Top-1 accuracy per task (torchmetrics, as the modules log it) of ``predict(images, task) -> logits``."""
         return {task: top1_accuracy(lambda x, task=task: predict(x, task),
-                                    self._batches(*self._task_split(task, split)), len(class_names(task)))
+                                    self._batches(*self._task_split(task, split)))
                 for task in (self.tasks if tasks is None else tasks)}
 
     def _batches(self, images: Tensor, labels: Tensor):
