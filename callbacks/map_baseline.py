@@ -58,6 +58,12 @@ class MAPBaseline(L.Callback):
         self.runs = 0  # how many times MAP has run
         self.last: dict[str, Any] | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations, "runs": self.runs}  # a resumed fit runs MAP at the same validations
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations, self.runs = int(state_dict.get("validations", 0)), int(state_dict.get("runs", 0))
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.every_n_validations:
             return

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
 from paretomerge.kernels import ModuleSpec, TaskVectors, merge
@@ -315,3 +316,29 @@ def check_same_weights(section: Mapping[str, Any], task_vectors: TaskVectors, la
         for key, value in head.state_dict().items():
             if not torch.allclose(value.detach().cpu(), section["heads"][task][key].to(value.dtype)):
                 raise CheckpointError(f"the head of task {task!r} differs from the checkpoint's ({key!r})")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, but a local checkpoint is written to a temporary file beside it, flushed to
+    disk, then renamed over the target (``os.replace``, atomic on one filesystem): a process killed while writing
+    leaves the previous checkpoint whole and never a half-written one under its name.
+
+    Lightning's own save goes through an fsspec transaction whose temporary file is made by ``tempfile.mkstemp()`` in
+    the system's temporary directory, then moved: a rename where that is on the checkpoint's filesystem, a copy (not
+    atomic) where it is not. Remote paths (``s3://``...) are left to Lightning.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            with open(staging, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(staging, path)
+        finally:
+            staging.unlink(missing_ok=True)

@@ -29,13 +29,14 @@ from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 
 from paretomerge.kernels import ModuleSpec, TaskVectors
 from paretomerge.suites import cache
 from paretomerge.suites.clip_data import TASKS, LabeledSplit, open_task
 from paretomerge.suites.importers import PickledCheckpointError, read_visual_state_dict
-from paretomerge.suites.loaders import EpochShuffle, derive_seed, top1_accuracy
+from paretomerge.suites.loaders import derive_seed, epoch_shuffle, top1_accuracy
 from paretomerge.suites.zeroshot import TEMPLATES, class_embeddings, zero_shot_head
 
 MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
@@ -339,7 +340,7 @@ class CLIPSuite(LightningDataModule):
 
     def _loader(self, dataset: Dataset, persistent: bool = False, **kwargs: Any) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(dataset, num_workers=workers, persistent_workers=persistent and workers > 0,
+        return StatefulDataLoader(dataset, num_workers=workers, persistent_workers=persistent and workers > 0,
                           pin_memory=torch.cuda.is_available(), **kwargs)
 
     def evaluate(self, net: nn.Module, split: str = "test", tasks: Sequence[str] | None = None) -> dict[str, float]:
@@ -382,7 +383,7 @@ class CLIPSuite(LightningDataModule):
             if len(images) < self.hparams.batch_size:
                 raise ValueError(f"task {task!r} has {len(images)} test images, fewer than batch_size="
                                  f"{self.hparams.batch_size}")
-            order = EpochShuffle(len(images), derive_seed(self.hparams.seed, task, "order"))
+            order = epoch_shuffle(self, len(images), derive_seed(self.hparams.seed, task, "order"))
             loaders[task] = self._loader(images, persistent=True, batch_size=self.hparams.batch_size,
                                          drop_last=True, sampler=order)
         return CombinedLoader(loaders, mode="max_size_cycle")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 from torchmetrics import MeanMetric
 
 from paretomerge.kernels import check_labels
@@ -21,22 +22,56 @@ def derive_seed(*parts: int | str) -> int:
     return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
-class EpochShuffle(Sampler[int]):
-    """A new permutation every epoch, keyed by ``(seed, epoch)`` so a resumed run repeats the same order.
-    Lightning calls ``set_epoch`` at the start of each training epoch."""
+class EpochShuffle(DistributedSampler):
+    """A new permutation every epoch, keyed by ``(seed, epoch)`` so a resumed run repeats the same order; under DDP
+    each of ``num_replicas`` processes takes every ``num_replicas``-th index from ``rank`` (the permutation padded, as
+    ``DistributedSampler`` pads it, to a multiple of ``num_replicas``). Lightning calls ``set_epoch`` at the start of
+    each training epoch.
 
-    def __init__(self, num_items: int, seed: int) -> None:
+    Stateful (``state_dict``/``load_state_dict``: the epoch and how many indices this pass has given), so a torchdata
+    ``StatefulDataLoader`` over it resumes mid-epoch at the next index, in that epoch's order. It is a
+    ``DistributedSampler`` so that Lightning does not wrap it under DDP: the wrapper it uses otherwise keeps no state.
+    """
+
+    def __init__(self, num_items: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        # DistributedSampler.__init__ wants a dataset and a process group; this needs neither.
         self.num_items, self.seed, self.epoch = num_items, seed, 0
+        self.num_replicas, self.rank, self.shuffle, self.drop_last = num_replicas, rank, True, False
+        self.num_samples = -(-num_items // num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self._given = 0  # indices the current pass has given
+        self._skip = 0  # indices the next pass skips (set by load_state_dict)
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._skip = 0  # a restored position belongs to the restored epoch only
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        order = (order * -(-self.total_size // max(len(order), 1)))[:self.total_size][self.rank::self.num_replicas]
+        skip, self._skip, self._given = self._skip, 0, self._skip
+        for index in order[skip:]:
+            self._given += 1
+            yield index
 
     def __len__(self) -> int:
-        return self.num_items
+        return self.num_samples
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "given": self._given}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._skip, self._given = int(state["epoch"]), int(state["given"]), int(state["given"])
+
+
+def epoch_shuffle(datamodule: Any, num_items: int, seed: int) -> EpochShuffle:
+    """An `EpochShuffle` for ``datamodule``'s training loader: this process's share when its trainer runs several."""
+    trainer = getattr(datamodule, "trainer", None)
+    if trainer is None:
+        return EpochShuffle(num_items, seed)
+    return EpochShuffle(num_items, seed, trainer.world_size, trainer.global_rank)
 
 
 @torch.no_grad()

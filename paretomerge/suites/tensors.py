@@ -8,9 +8,10 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from paretomerge.kernels import TaskVectors
-from paretomerge.suites.loaders import EpochShuffle, derive_seed, top1_accuracy
+from paretomerge.suites.loaders import derive_seed, epoch_shuffle, top1_accuracy
 
 SPLITS = ("val", "test")
 
@@ -70,8 +71,8 @@ class TensorSuite(LightningDataModule):
         return self._task_vectors
 
     def train_dataloader(self) -> CombinedLoader:
-        loaders = {t: DataLoader(TensorDataset(x), batch_size=self.batch_size,
-                                 sampler=EpochShuffle(len(x), derive_seed(self.seed, t)))
+        loaders = {t: StatefulDataLoader(TensorDataset(x), batch_size=self.batch_size,
+                                 sampler=epoch_shuffle(self, len(x), derive_seed(self.seed, t)))
                    for t, x in self.train.items()}
         return CombinedLoader(loaders, mode="max_size_cycle")
 

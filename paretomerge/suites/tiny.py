@@ -30,11 +30,12 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from paretomerge.kernels import TaskVectors, forward_features, run_head
 from paretomerge.static import static_merge, task_wise
 from paretomerge.suites import cache
-from paretomerge.suites.loaders import EpochShuffle, derive_seed, top1_accuracy
+from paretomerge.suites.loaders import derive_seed, epoch_shuffle, top1_accuracy
 from paretomerge.suites.tiny_build import PRETRAINING_FIELDS, Recipe, TinyCLIP, finetune, pretrain, tau_norm_ratio
 from paretomerge.suites.tiny_images import DOMAINS, FACTORS, GENERATOR_VERSION, render_task
 from paretomerge.suites.tiny_text import TEMPLATES, UNSEEN
@@ -327,10 +328,10 @@ class TinySuite(LightningDataModule):
     # ------------------------------------------------------------------ Lightning's loaders
     def train_dataloader(self) -> CombinedLoader:
         """The unlabeled adaptation split: task -> ``[images]`` batches of ``batch_size``, reshuffled every
-        epoch by ``(seed, task, epoch)``."""
+        epoch by ``(seed, task, epoch)``. Stateful (torchdata), so a mid-epoch resume continues at the next batch."""
         loaders = {
-            t: DataLoader(TensorDataset(images), batch_size=self.hparams.batch_size, drop_last=True,
-                          sampler=EpochShuffle(len(images), derive_seed(self.hparams.seed, t, "order")))
+            t: StatefulDataLoader(TensorDataset(images), batch_size=self.hparams.batch_size, drop_last=True,
+                          sampler=epoch_shuffle(self, len(images), derive_seed(self.hparams.seed, t, "order")))
             for t, (images, _) in self._split("test").items()
         }
         return CombinedLoader(loaders, mode="max_size_cycle")
