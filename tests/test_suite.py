@@ -16,7 +16,7 @@ from paretomerge.pareto import hypervolume, non_dominated
 from paretomerge.suites import FAST_RECIPE, FAST_TASKS, CacheError, TinySuite
 from paretomerge.suites import tiny as tiny_module
 from paretomerge.suites.cache import read_entry
-from paretomerge.suites.loaders import derive_seed
+from paretomerge.suites.loaders import EpochShuffle, derive_seed
 from paretomerge.suites.tiny import class_names
 from paretomerge.suites.tiny_build import finetune, pretraining_data
 from paretomerge.suites.tiny_images import DOMAINS, FACTORS, PRETRAINING_STYLE, render, render_task
@@ -131,11 +131,30 @@ def test_the_adaptation_split_is_the_test_split_without_labels(built):
 
 
 def test_the_training_order_is_reshuffled_per_epoch_and_repeatable():
-    sampler = tiny_module.EpochShuffle(50, seed=3)
+    sampler = EpochShuffle(50, seed=3)
     first = list(sampler)
     assert list(sampler) == first and sorted(first) == list(range(50))
     sampler.set_epoch(1)
     assert list(sampler) != first
+
+
+def test_the_training_order_resumes_mid_epoch_and_splits_across_processes():
+    sampler = EpochShuffle(50, seed=3)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    partway = iter(sampler)
+    seen = [next(partway) for _ in range(17)]
+    restored = EpochShuffle(50, seed=3)
+    restored.load_state_dict(sampler.state_dict())
+    assert sampler.state_dict() == {"epoch": 2, "given": 17}
+    restored.set_epoch(2)  # as Lightning does on resume: the same epoch keeps the position
+    assert seen + list(restored) == whole and list(restored) == whole  # the next pass starts the epoch again
+    shares = [EpochShuffle(50, seed=3, num_replicas=3, rank=r) for r in range(3)]
+    for share in shares:
+        share.set_epoch(2)
+    taken = [list(share) for share in shares]
+    assert all(len(t) == len(shares[0]) == 17 for t in taken)  # padded to 51, as DistributedSampler pads
+    assert sorted(set().union(*taken)) == list(range(50)) and sum(map(len, taken)) == 51
 
 
 # ---------------------------------------------------------------- the tiny CLIP, its heads, the fine-tuning
