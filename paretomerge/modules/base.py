@@ -345,9 +345,8 @@ class MergingModule(L.LightningModule):
         missing = ckpt.unrecorded(tv)
         if missing and not self._said_unrecorded:
             self._said_unrecorded = True
-            rank_zero_warn(f"{type(self).__name__}: this checkpoint records no way to rebuild "
-                           f"{' and '.join(ckpt.describe_missing(missing))}; loading it will need "
-                           f"{ckpt.needs_message(missing, type(self).__name__ + '.load_from_checkpoint')}")
+            loader = f"{type(self).__name__}.load_from_checkpoint"
+            rank_zero_warn(f"{type(self).__name__}: this checkpoint {ckpt.missing_modules_message(missing, loader)}")
         checkpoint[ckpt.SECTION] = ckpt.pack(tv, self.base_parameters(), self.coefficient_basis())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -136,7 +136,14 @@ def unrecorded(task_vectors: TaskVectors) -> dict[str, Any]:
     return missing
 
 
-def needs_message(missing: Mapping[str, Any], loader: str) -> str:
+def missing_modules_message(missing: Mapping[str, Any], loader: str) -> str:
+    """What saving warns and loading raises for ``missing`` (as `unrecorded`): what cannot be rebuilt, and the call of
+    ``loader`` that supplies it."""
+    return (f"records no way to rebuild {' and '.join(_describe_missing(missing))} (not a recognised builder's); "
+            f"loading it needs {_needs_message(missing, loader)}")
+
+
+def _needs_message(missing: Mapping[str, Any], loader: str) -> str:
     """``missing`` (as `unrecorded`) said as the keyword arguments ``loader`` needs."""
     parts = []
     if "backbone" in missing:
@@ -211,11 +218,8 @@ def unpack(section: Mapping[str, Any], backbone: nn.Module | None = None,
         if missing_heads:
             missing["heads"] = missing_heads
         if missing:
-            raise MissingModulesError(
-                f"this checkpoint records no way to rebuild {' and '.join(describe_missing(missing))} (not a "
-                "recognised builder's); pass: "
-                f"{needs_message(missing, loader)}, with modules of that architecture (the checkpoint's weights are "
-                "loaded into copies of them)")
+            raise MissingModulesError(f"this checkpoint {missing_modules_message(missing, loader)}, with modules of "
+                                      "that architecture (the checkpoint's weights are loaded into copies of them)")
         unknown = [t for t in heads if t not in names]
         if unknown:
             raise CheckpointError(f"heads= has tasks {unknown} that this checkpoint does not have (it has {names})")
@@ -239,7 +243,7 @@ def unpack(section: Mapping[str, Any], backbone: nn.Module | None = None,
         raise CheckpointError(f"cannot rebuild the model recorded in the checkpoint: {err}") from err
 
 
-def describe_missing(missing: Mapping[str, Any]) -> list[str]:
+def _describe_missing(missing: Mapping[str, Any]) -> list[str]:
     out = []
     if "backbone" in missing:
         out.append(f"its backbone ({missing['backbone']})")

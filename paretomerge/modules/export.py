@@ -56,9 +56,8 @@ def export_pareto_set(module: MergingModule, path: str | os.PathLike) -> Path:
     tv = module._tv()
     missing = ckpt.unrecorded(tv)
     if missing:
-        warnings.warn(f"export_pareto_set: {str(path)!r} records no way to rebuild "
-                      f"{' and '.join(ckpt.describe_missing(missing))}; loading it will need "
-                      f"{ckpt.needs_message(missing, 'load_pareto_set')}", stacklevel=2)
+        warnings.warn(f"export_pareto_set: {str(path)!r} {ckpt.missing_modules_message(missing, 'load_pareto_set')}",
+                      stacklevel=2)
     # the same base, heads, specs (and basis) as a .ckpt holds
     section = ckpt.pack(tv, module.base_parameters(), module.coefficient_basis())
     tensors = {f"base/{name}": t for name, t in section["base"].items()}
