@@ -31,6 +31,25 @@ def volumes(front: torch.Tensor, individual: list[float] | None) -> tuple[float,
     return hypervolume(front), (hypervolume(front, individual) if individual else None)
 
 
+def stored_set(path: Path, module: L.LightningModule) -> str:
+    """What the `.ckpt` at ``path`` costs against θ0 and the heads, and what its preference basis holds."""
+    tv = module.task_vectors
+    one = sum(t.numel() * t.element_size() for m in (tv.backbone, tv.heads) for t in m.state_dict().values())
+    size = path.stat().st_size
+    line = f"Stored Pareto set: {path.name} is {size / 2**20:.2f} MiB, {size / one:.2f}x (θ0 + heads) with Adam's state"
+    basis = module.preference_basis() if getattr(module, "preference_conditioned", False) else None
+    if basis is None:
+        return line + "."
+    rank = module.hparams.get("basis_rank")
+    kind = "the full task vectors" if rank is None else f"int8 SVD factors of each task vector at basis_rank={rank}"
+    line += f"; its preference basis is {kind}, {basis.nbytes() / 2**20:.2f} MiB"
+    if rank is not None and tv.has_task_vectors:
+        line += (f", {100 * basis.kept(tv.tau):.1f}% of the task vectors' squared norm (the full basis, "
+                 f"basis_rank=None, would be {tv.nbytes() / 2**20:.2f} MiB; what the rank costs: README, "
+                 "'The compact Pareto set')")
+    return line + "."
+
+
 class FitSummary(L.Callback):
     """Prints, after ``fit``: per-task test accuracy at the equal preference and at each task's one-hot,
     beside the individual fine-tuned models and Task Arithmetic; the hypervolume of the evaluated front
@@ -149,6 +168,7 @@ class FitSummary(L.Callback):
         path = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
         if path:
             lines.append(f"Checkpoint: {path}")
+            lines.append(stored_set(Path(path), trainer.lightning_module))
         if trainer.logger is not None:
             lines.append(f"Logs: tensorboard --logdir {Path(trainer.logger.save_dir)}")
         example = ", ".join(["0.0"] * num_tasks)

@@ -185,8 +185,8 @@ def export_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="paretomerge export",
         description="Write a checkpoint's Pareto set as one safetensors file: the preference-independent base, the "
-                    "preference tensor, the heads and the config. Load it with paretomerge.load_pareto_set(path), "
-                    "then .at(preference); no Lightning needed.")
+                    "preference tensor, ours' preference basis (int8 factors), the heads and the config. Load it with "
+                    "paretomerge.load_pareto_set(path), then .at(preference); no Trainer needed.")
     parser.add_argument("--ckpt", required=True, help="a .ckpt written by paretomerge fit")
     parser.add_argument("--out", default="pareto_set.safetensors", help="the file to write (.safetensors)")
     args = parser.parse_args(argv)

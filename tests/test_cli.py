@@ -84,6 +84,10 @@ def test_the_main_job_on_the_fast_tiny_suite_prints_the_table_and_writes_a_check
     checkpoint = Path(next(line for line in out.splitlines() if line.startswith("Checkpoint: ")).split(": ", 1)[1])
     checkpoint = checkpoint if checkpoint.is_absolute() else tmp_path / checkpoint
     assert checkpoint.name == "last.ckpt" and checkpoint.exists()
+    stored = next(line for line in out.splitlines() if line.startswith("Stored Pareto set: "))
+    printed_mib = float(stored.split(" is ", 1)[1].split(" MiB")[0])
+    assert printed_mib == pytest.approx(checkpoint.stat().st_size / 2**20, abs=0.006)
+    assert "int8 SVD factors of each task vector at basis_rank=16" in stored and "squared norm" in stored
 
     # The printed 'PM equal' column is what at(equal) scores on the suite's test split.
     from paretomerge.suites import FAST_RECIPE, TinySuite

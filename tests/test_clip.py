@@ -146,8 +146,8 @@ def test_vit_b32_end_to_end_three_formats_three_steps_and_the_export(world, tmp_
             assert torch.equal(from_export(x, task=task), from_ckpt(x, task=task))
             torch.testing.assert_close(from_export(x, task=task), trained(x, task=task))
     backbone = sum(t.numel() * t.element_size() for t in tv.backbone.state_dict().values())
-    # ours: the base, the task vectors it needs for c(γ) (K=3), and a small tensor (r=4); the paper's is 1x
-    assert 4 * backbone < exported.stat().st_size < 4.02 * backbone
+    # ours: the base, the preference basis's int8 factors (K=3) and a small tensor (r=4): about one model
+    assert backbone < exported.stat().st_size < 1.1 * backbone
 
 
 def test_zero_shot_heads_are_deterministic_and_match_the_text_tower():

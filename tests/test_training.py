@@ -205,24 +205,6 @@ def test_the_paper_models_checkpoint_size_does_not_grow_with_the_number_of_tasks
     assert set(checkpoint["paretomerge"]["base"]) == set(tv.backbone.state_dict())
 
 
-def test_with_preference_conditioned_coefficients_the_checkpoint_keeps_the_task_vectors(tmp_path):
-    """The stated cost of ours: at(γ) needs τ, so the .ckpt holds 1 + K backbones' worth of merged layers."""
-    num_tasks = 4
-    model, suite, path = fit_and_save(tmp_path, num_tasks, steps=2)
-    tv = suite.task_vectors()
-    backbone = sum(t.numel() * t.element_size() for t in tv.backbone.state_dict().values())
-    assert (1 + num_tasks) * backbone < path.stat().st_size < (1 + num_tasks) * backbone * 1.3
-    section = torch.load(path, weights_only=True)["paretomerge"]
-    assert all(torch.equal(section["basis"][n], tv.tau[n]) for n in tv.layer_names)
-    loaded = ParetoMerging.load_from_checkpoint(path)
-    assert not loaded.task_vectors.has_task_vectors  # the base and the basis, not θ0 and τ
-    images = torch.randn(5, 3, 16, 16)
-    for pref in ([1, 0, 0, 0], [0.1, 0.2, 0.3, 0.4]):
-        ours, theirs = model.at(pref), loaded.at(pref)
-        for task in tv.task_names:
-            torch.testing.assert_close(theirs(images, task=task), ours(images, task=task), rtol=1e-5, atol=1e-5)
-
-
 def test_validation_accuracy_is_top1_of_the_merged_model(tmp_path, suite):
     model = ParetoMerging(rank=4, seed=1)
     make_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(model, datamodule=suite)
@@ -289,9 +271,10 @@ def test_the_diversity_term_by_hand(task_vectors):
     assert float(parts["loss"]) == pytest.approx(rest + 0.4 * div, rel=1e-5)
 
 
-def test_preference_conditioned_coefficients_by_hand(task_vectors):
-    """θ(γ) = θ0 + Σ_k c_k(γ) τ_k + Δ(γ) with c(γ) = clamp(λ + ω ⊙ (Kγ − 1), [0, 1]) computed here."""
-    model = ParetoMerging(task_vectors=task_vectors, rank=4)
+def test_preference_conditioned_coefficients_by_hand_with_the_full_basis(task_vectors):
+    """θ(γ) = θ0 + Σ_k c_k(γ) τ_k + Δ(γ) with c(γ) = clamp(λ + ω ⊙ (Kγ − 1), [0, 1]) computed here: the full basis
+    (``basis_rank=None``); the truncated one is tests/test_compact.py's."""
+    model = ParetoMerging(task_vectors=task_vectors, rank=4, basis_rank=None)
     torch.manual_seed(0)
     with torch.no_grad():
         model.lambdas.uniform_(0.0, 1.0)
@@ -304,7 +287,7 @@ def test_preference_conditioned_coefficients_by_hand(task_vectors):
          for l in range(lam.shape[0])]
     assert any(v in (0.0, 1.0) for row in c for v in row)
     delta = model.preference_tensor.delta(gamma)
-    for grad in (True, False):  # the training path (θ0 + Στ) and the cached-base path (base + Σ(c − λ)τ)
+    for grad in (True, False):  # the training path (base merged with gradients) and the cached base
         with torch.set_grad_enabled(grad):
             merged = model.merged_parameters(gamma)
         for l, name in enumerate(task_vectors.layer_names):

@@ -1,6 +1,7 @@
 """Pure torch + tensorly kernels: task vectors, the merge, the functional forward, the preference tensor."""
 
 from paretomerge.kernels.architecture import ModuleSpec
+from paretomerge.kernels.basis import PreferenceBasis
 from paretomerge.kernels.builders import recognise
 from paretomerge.kernels.merge import (
     check_labels,
@@ -21,6 +22,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "MergedModel",
     "ModuleSpec",
+    "PreferenceBasis",
     "PreferenceTensor",
     "TaskVectors",
     "check_labels",

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from paretomerge.kernels.basis import PreferenceBasis
+
 
 class _TaskVectorMerge(torch.autograd.Function):
     """Every layer's ``base_l + Σ_k c[..., l, k] τ_k^l`` in one autograd node, each layer one BLAS call (``addmv``
@@ -108,34 +110,55 @@ def preference_coefficients(
 
 def merge(
     theta0: Mapping[str, Tensor],
-    tau: Mapping[str, Tensor] | None = None,
+    tau: Mapping[str, Tensor] | PreferenceBasis | None = None,
     coefficients: Tensor | None = None,
     deltas: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Merged parameters for every layer of ``theta0``.
 
     theta0:       name -> ``[*shape]``; its order defines the layer index ``l``.
-    tau:          name -> ``[K, *shape]`` (any float dtype; the sum is taken in θ0's dtype), or None.
+    tau:          name -> ``[K, *shape]`` (any float dtype; the sum is taken in θ0's dtype), a `PreferenceBasis`
+                  (factored layers add ``Σ_k c_k U_k V_kᵀ`` as one low-rank product; layers it leaves out add nothing),
+                  or None.
     coefficients: ``[K]`` task-wise, ``[L, K]`` layer-wise, or ``[*M, L|1, K]`` for several models at once.
     deltas:       name -> ``[*shape]`` or ``[*M, *shape]``, added after the task-vector sum.
-    Returns name -> ``[*M, *shape]``. Differentiable in ``coefficients`` and ``deltas``.
+    Returns name -> ``[*M, *shape]``. Differentiable in ``theta0``, ``coefficients`` and ``deltas``.
     """
     names = list(theta0)
-    rows = None
-    if tau is not None:
-        if coefficients is None:
-            raise ValueError("merge: task vectors given without coefficients")
-        num_tasks = next(iter(tau.values())).shape[0]
-        rows = _coefficient_rows(coefficients, len(names), num_tasks)
     deltas = deltas or {}
     unknown = set(deltas) - set(names)
     if unknown:
         raise ValueError(f"merge: deltas for layers that are not merged: {sorted(unknown)[:3]}")
+    device = next(iter(theta0.values())).device.type if names else "cpu"
+    with torch.autocast(device, enabled=False):  # under mixed precision too, the sum is taken in θ0's dtype
+        return _merge(theta0, names, tau, coefficients, deltas)
 
+
+def _merge(theta0: Mapping[str, Tensor], names: list[str], tau: Mapping[str, Tensor] | PreferenceBasis | None,
+           coefficients: Tensor | None, deltas: Mapping[str, Tensor]) -> dict[str, Tensor]:
     merged = {name: theta0[name] for name in names}
-    if rows is not None:
-        merged = dict(zip(names, _TaskVectorMerge.apply(rows, len(names), *merged.values(),
-                                                          *(tau[name] for name in names)), strict=True))
+    if tau is not None:
+        if coefficients is None:
+            raise ValueError("merge: task vectors given without coefficients")
+        if not isinstance(tau, PreferenceBasis):
+            missing = [name for name in names if name not in tau]
+            if missing:
+                raise ValueError(f"merge: no task vectors for layers {missing[:3]}")
+        basis = tau if isinstance(tau, PreferenceBasis) else PreferenceBasis.full(tau)
+        rows = _coefficient_rows(coefficients, len(names), basis.num_tasks)
+        per_layer = dict(zip(names, _rows_per_layer(rows, len(names)), strict=True))
+        dense = [name for name in names if name in basis.dense]
+        if dense:  # one fused node for every dense layer
+            dense_rows = rows if len(dense) == len(names) or rows.shape[-2] == 1 else \
+                rows[..., [names.index(name) for name in dense], :]
+            merged.update(zip(dense, _TaskVectorMerge.apply(dense_rows, len(dense), *(merged[n] for n in dense),
+                                                             *(basis.dense[n] for n in dense)), strict=True))
+        for name in basis.factors:
+            merged[name] = basis.add_to(name, merged[name], per_layer[name])
+        lead = rows.shape[:-2]
+        for name in names if lead else ():  # layers the basis leaves out: the same base for every model (a view)
+            if name not in basis.dense and name not in basis.factors:
+                merged[name] = merged[name].expand(*lead, *merged[name].shape)
     for name, delta in deltas.items():
         merged[name] = merged[name] + delta.to(merged[name].dtype)
     return merged

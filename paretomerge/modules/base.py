@@ -16,9 +16,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from paretomerge.kernels import MergedModel, TaskVectors, check_labels, forward_tasks, materialize, merge
+from paretomerge.kernels import (
+    MergedModel,
+    PreferenceBasis,
+    TaskVectors,
+    check_labels,
+    forward_tasks,
+    materialize,
+    merge,
+)
 from paretomerge.kernels.sparsify import check_fraction
 from paretomerge.modules import checkpoint as ckpt
+from paretomerge.modules.checkpoint import CheckpointError
 from paretomerge.preferences import equal_and_one_hots, preference_for
 
 
@@ -67,7 +76,7 @@ class MergingModule(L.LightningModule):
         self.lambdas: nn.Parameter | None = None
         self.accuracy = nn.ModuleDict()
         self._base_cache: tuple[int, Tensor, dict[str, Tensor]] | None = None  # (id of τ, λ, base)
-        self._stored_basis: dict[str, Tensor] | None = None  # a .ckpt's τ, when the coefficients depend on γ
+        self._basis: PreferenceBasis | None = None  # τ̃ where the coefficients depend on γ: built from τ, or a .ckpt's
         self._said_unrecorded = False  # the warning that a .ckpt needs backbone=/heads= to load is given once
 
     # ------------------------------------------------------------------ task vectors and trainables
@@ -87,6 +96,7 @@ class MergingModule(L.LightningModule):
             self._build_trainable(task_vectors)
             self._build_metrics(task_vectors)
         self._base_cache = None
+        self._basis = None  # built from these task vectors when first needed
         self.task_vectors = task_vectors.to(self.device)
 
     def _apply(self, fn: Any, recurse: bool = True) -> MergingModule:
@@ -95,8 +105,8 @@ class MergingModule(L.LightningModule):
         super()._apply(fn, recurse)
         if getattr(self, "task_vectors", None) is not None:
             self.task_vectors.apply_(fn)
-        if getattr(self, "_stored_basis", None) is not None:
-            self._stored_basis = {name: fn(t) for name, t in self._stored_basis.items()}
+        if getattr(self, "_basis", None) is not None:
+            self._basis.apply_(fn)
         return self
 
     def _build_trainable(self, tv: TaskVectors) -> None:
@@ -148,38 +158,41 @@ class MergingModule(L.LightningModule):
 
     @property
     def preference_conditioned(self) -> bool:
-        """Whether `coefficients` depends on γ (then ``at(γ)`` needs τ, or a `.ckpt`'s stored basis)."""
+        """Whether `coefficients` depends on γ (then ``at(γ)`` needs the preference basis τ̃)."""
         return False
 
-    def coefficient_basis(self) -> dict[str, Tensor] | None:
-        """What c(γ) − λ multiplies when the base θ0 + Σλτ is already merged: τ, or the basis a `.ckpt` stored (its
-        task vectors, as trained on); None when the coefficients do not depend on γ."""
+    def preference_basis(self) -> PreferenceBasis | None:
+        """τ̃, what c(γ) − λ multiplies (SPEC §3b): built from τ when first needed (a truncated SVD at the
+        ``basis_rank`` hyperparameter, or τ itself for None), or a `.ckpt`'s; None when the coefficients do not depend
+        on γ."""
         if not self.preference_conditioned:
             return None
-        tv = self._tv()
-        if tv.has_task_vectors:
-            return tv.tau
-        if self._stored_basis is None:
-            raise RuntimeError(f"{type(self).__name__} has preference-conditioned coefficients but neither task "
-                               "vectors nor a checkpoint's basis to apply them to")
-        return self._stored_basis
+        if self._basis is None:
+            tv = self._tv()
+            if not tv.has_task_vectors:
+                raise RuntimeError(f"{type(self).__name__} has preference-conditioned coefficients but neither task "
+                                   "vectors nor a checkpoint's preference basis to apply them to")
+            self._basis = PreferenceBasis.truncated(tv.tau, self.hparams.get("basis_rank"))
+        return self._basis
 
     def merged_parameters(self, gamma: Tensor | None) -> dict[str, Tensor]:
-        """θ(c(γ), γ) for every merged layer, through the one merge kernel.
+        """θ(γ) = θ0 + Σ_k λ_k τ_k + Σ_k (c_k(γ) − λ_k) τ̃_k + Δ(γ) for every merged layer: one formula, through the
+        one merge kernel, with gradients on or off, in the module and in an exported `ParetoSet` (which runs this).
 
-        With gradients off (validation, ``at``, fronts), the base θ0 + Σλτ is merged once per value of λ
-        (`base_parameters`); per preference only Δ(γ) and, where the coefficients depend on γ, Σ_k (c_k(γ) − λ_k) τ_k
-        are added to it. Layers that nothing is added to are then the cached tensors themselves: read them, do not
-        modify them in place.
+        The base θ0 + Σλτ is merged with gradients while λ trains; otherwise it is merged once per value of λ
+        (`base_parameters`), or it is a `.ckpt`'s stored base. Layers nothing is added to are then the cached tensors
+        themselves: read them, do not modify them in place.
         """
         tv = self._tv()
-        deltas = self.deltas(gamma)
-        if torch.is_grad_enabled() and tv.has_task_vectors:
-            return merge(tv.theta0, tv.tau, self.coefficients(gamma), deltas)
-        basis = self.coefficient_basis()  # a .ckpt's θ0 already holds Σλτ
-        if basis is None:
-            return merge(self.base_parameters(), None, None, deltas)
-        return merge(self.base_parameters(), basis, self.coefficients(gamma) - self.lambdas, deltas)
+        # Under mixed precision (autocast) too: the weights are built in their own dtype, as at(γ) builds them.
+        with torch.autocast(self.device.type, enabled=False):
+            if torch.is_grad_enabled() and tv.has_task_vectors and self.lambdas.requires_grad:
+                base = merge(tv.theta0, tv.tau, self.lambdas)
+            else:
+                base = self.base_parameters()
+            basis = self.preference_basis()
+            offsets = None if basis is None else self.coefficients(gamma) - self.lambdas
+            return merge(base, basis, offsets, self.deltas(gamma))
 
     def forward(self, batch: Mapping[str, Tensor], gamma: Tensor | None = None) -> dict[str, Tensor]:
         """Logits per task for ``batch`` (task -> images) under θ(λ, γ)."""
@@ -347,18 +360,40 @@ class MergingModule(L.LightningModule):
             self._said_unrecorded = True
             loader = f"{type(self).__name__}.load_from_checkpoint"
             rank_zero_warn(f"{type(self).__name__}: this checkpoint {ckpt.missing_modules_message(missing, loader)}")
-        checkpoint[ckpt.SECTION] = ckpt.pack(tv, self.base_parameters(), self.coefficient_basis())
+        checkpoint[ckpt.SECTION] = ckpt.pack(tv, self.base_parameters(), self.preference_basis())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         section = ckpt.section_of(checkpoint)
         if self.task_vectors is None:
-            self.attach(ckpt.unpack(section, loader=f"{type(self).__name__}.load_from_checkpoint"))
-            self._stored_basis = ckpt.unpack_basis(section, self.task_vectors)
+            self.restore(section, loader=f"{type(self).__name__}.load_from_checkpoint")
             return
+        # resuming: the task vectors must be those the checkpoint was trained with, and the basis is the stored one
         ckpt.check_compatible(ckpt.section_signature(section), self.task_vectors, "the checkpoint")
         lambdas = checkpoint.get("state_dict", {}).get("lambdas")
         if self.task_vectors.has_task_vectors and lambdas is not None:
             ckpt.check_same_weights(section, self.task_vectors, lambdas)
+        self._restore_basis(section)
+
+    def restore(self, section: Mapping[str, Any], loader: str, backbone: nn.Module | None = None,
+                heads: Mapping[str, nn.Module] | None = None) -> None:
+        """Rebuild from a `.ckpt`'s section (or an export's, `load_pareto_set`) in a process that has nothing else:
+        the base-only task vectors (``backbone``/``heads`` for what it could not record) and the preference basis. The
+        trainable state (λ, ω, G, A, B) is loaded after this, from the state dict."""
+        self.attach(ckpt.unpack(section, backbone, heads, loader=loader))
+        self.to(ckpt.stored_dtype(section))  # λ, ω, G, A, B then load in the dtype they were saved in
+        self._restore_basis(section)
+
+    def _restore_basis(self, section: Mapping[str, Any]) -> None:
+        # The stored basis, bit for bit: at(γ) after loading, and a resumed fit, use the formula the model trained with.
+        self._basis = ckpt.unpack_basis(section, self.task_vectors, self.hparams.get("basis_rank"))
+        if self.preference_conditioned and self._basis is None:
+            raise CheckpointError(f"{type(self).__name__}: the checkpoint has preference-conditioned coefficients "
+                                  "but no preference basis (written by another module, or damaged)")
+
+    @classmethod
+    def upgrade_hyperparameters(cls, stored: Mapping[str, Any]) -> dict[str, Any]:
+        """Stored hyperparameters with what a checkpoint written before a hyperparameter existed meant by it."""
+        return dict(stored)
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]

@@ -3,8 +3,10 @@
 The ``"paretomerge"`` section holds the preference-independent base θ0 + Σλτ (the whole backbone state dict, with
 the merged layers replaced), the head weights, and how to rebuild both. For the paper's Pareto Merging (and AdaMerging)
 that is all ``at(γ)`` needs, and its size does not grow with K. With preference-conditioned coefficients (ours) the
-section also holds ``basis``, the stacked task vectors: ``at(γ)`` adds Σ_k (c_k(γ) − λ_k) τ_k to the base, which
-costs K more backbones of storage in τ's dtype (benchmarks/bench_checkpoint_size.py).
+section also holds ``preference_basis``, the basis τ̃ that c(γ) − λ multiplies (`kernels.PreferenceBasis`): ``at(γ)``
+adds Σ_k (c_k(γ) − λ_k) τ̃_k to the base. Truncated (the default ``basis_rank``), it costs a fraction of one backbone;
+the full basis (``basis_rank=None``, and every checkpoint written before it, as ``basis``) costs K more backbones
+(benchmarks/bench_compact.py).
 
 A backbone or head that is not a recognised builder's (`kernels.builders.recognise`) is recorded by its class only;
 loading then takes the module itself: ``load_from_checkpoint(path, backbone=..., heads={...})`` (`supplied_modules`),
@@ -27,7 +29,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
-from paretomerge.kernels import ModuleSpec, TaskVectors, merge
+from paretomerge.kernels import ModuleSpec, PreferenceBasis, TaskVectors, merge
 from paretomerge.kernels.builders import class_name, shape_difference
 
 SECTION = "paretomerge"
@@ -82,11 +84,10 @@ def inspect_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> No
     section_of(checkpoint)
 
 
-def pack(task_vectors: TaskVectors, base: Mapping[str, Tensor],
-         basis: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
-    """The section to store: ``base`` replaces the merged layers of the backbone's state dict. ``basis`` (the task
-    vectors, name -> ``[K, *shape]``, stored in their own dtype) is kept when the model's coefficients depend on the
-    preference: ``at(γ)`` adds Σ_k (c_k(γ) − λ_k) τ_k to the base, so it cannot be rebuilt from the base alone."""
+def pack(task_vectors: TaskVectors, base: Mapping[str, Tensor], basis: PreferenceBasis | None = None) -> dict[str, Any]:
+    """The section to store: ``base`` replaces the merged layers of the backbone's state dict. ``basis`` (ours: the
+    preference basis τ̃ that c(γ) − λ multiplies, `PreferenceBasis.state`) is kept when the model's coefficients
+    depend on the preference: ``at(γ)`` adds Σ_k (c_k(γ) − λ_k) τ̃_k to the base."""
     state = {name: t.detach().cpu() for name, t in task_vectors.backbone.state_dict().items()}
     state.update({name: t.detach().cpu() for name, t in base.items()})
     section = {
@@ -104,7 +105,7 @@ def pack(task_vectors: TaskVectors, base: Mapping[str, Tensor],
         },
     }
     if basis is not None:
-        section["basis"] = {name: t.detach().cpu() for name, t in basis.items()}
+        section["preference_basis"] = basis.state()
     return section
 
 
@@ -230,17 +231,22 @@ def unpack(section: Mapping[str, Any], backbone: nn.Module | None = None,
         specs = {t: None if head_records[t] is None else ModuleSpec.from_dict(head_records[t]) for t in names}
         backbone_spec = None if backbone_record is None else ModuleSpec.from_dict(backbone_record)
         built = copy.deepcopy(backbone) if backbone is not None else backbone_spec.build()
-        built.load_state_dict(section["base"], strict=True)
+        built.to(stored_dtype(section)).load_state_dict(section["base"], strict=True)  # float64 stays float64
         rebuilt_heads = {}
         for task in names:
             head = copy.deepcopy(heads[task]) if task in heads else specs[task].build()
-            head.load_state_dict(section["heads"][task], strict=True)
+            head.to(stored_dtype(section)).load_state_dict(section["heads"][task], strict=True)
             rebuilt_heads[task] = head
         return TaskVectors(built, None, rebuilt_heads, names, backbone_spec, specs)
     except CheckpointError:
         raise
     except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"cannot rebuild the model recorded in the checkpoint: {err}") from err
+
+
+def stored_dtype(section: Mapping[str, Any]) -> torch.dtype:
+    """The floating dtype the model was saved in (that of its stored base)."""
+    return next((t.dtype for t in section["base"].values() if t.is_floating_point()), torch.get_default_dtype())
 
 
 def _describe_missing(missing: Mapping[str, Any]) -> list[str]:
@@ -252,17 +258,29 @@ def _describe_missing(missing: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def unpack_basis(section: Mapping[str, Any], task_vectors: TaskVectors) -> dict[str, Tensor] | None:
-    """The section's basis (None if it has none), checked against the rebuilt model and moved to its device."""
-    basis = section.get("basis")
-    if basis is None:
+def unpack_basis(section: Mapping[str, Any], task_vectors: TaskVectors,
+                 rank: int | float | None) -> PreferenceBasis | None:
+    """The section's preference basis (None if it has none), checked against the rebuilt model's merged layers and
+    the layout ``rank`` gives them, and moved to its device. A section written before the compact set holds the full
+    basis as ``basis`` (name -> ``[K, *shape]``). Damaged or missing factors raise `CheckpointError` naming the
+    layer."""
+    if "preference_basis" in section:
+        state = section["preference_basis"]
+    elif "basis" in section:
+        state = {"dense": section["basis"]}
+    else:
         return None
-    layers, num_tasks = list(task_vectors.layer_names), task_vectors.num_tasks
     theta0 = task_vectors.theta0
-    if sorted(basis) != sorted(layers) or any(
-            tuple(basis[n].shape) != (num_tasks, *theta0[n].shape) for n in layers):
-        raise CheckpointError("the checkpoint's basis (its task vectors) does not match its model's merged layers")
-    return {name: basis[name].to(task_vectors.device) for name in layers}
+    shapes = {name: tuple(theta0[name].shape) for name in task_vectors.layer_names}
+    try:
+        if not isinstance(state, Mapping):
+            raise ValueError(f"it is a {type(state).__name__}, not a dict")
+        basis = PreferenceBasis.from_state(state, shapes, task_vectors.num_tasks, rank)
+    except ValueError as err:
+        raise CheckpointError(f"the checkpoint's preference basis (basis_rank={rank!r}) is damaged or incomplete: "
+                              f"{err}") from err
+    device = task_vectors.device
+    return basis.apply_(lambda t: t.to(device))
 
 
 def signature(task_vectors: TaskVectors) -> dict[str, Any]:

@@ -1,30 +1,31 @@
-"""The compact export: a learned Pareto set as one safetensors file, and `load_pareto_set`, which needs no Lightning.
+"""The compact export: a learned Pareto set as one safetensors file, and `load_pareto_set`, which needs no Trainer.
 
-"One model plus a low-rank tensor": the file holds the preference-independent base θ0 + Σλτ (the backbone's
-whole state dict), the preference tensor (``G``, ``A``, ``B`` per target), the heads, and a JSON config in the
-safetensors metadata (how to rebuild the backbone and heads, the task names, the targets, the module's
-hyperparameters). Tensor names:
+"One model plus a low-rank part": the file holds the preference-independent base θ0 + Σλτ (the backbone's whole
+state dict), the module's trainable state (λ, ω, the preference tensor's ``G``, ``A``, ``B``), ours' preference basis
+(the truncated SVD factors of each task vector, `kernels.PreferenceBasis`), the heads, and a JSON config in the
+safetensors metadata (how to rebuild the backbone and heads, the task names, the module's class and hyperparameters).
+Tensor names:
 
     base/<parameter or buffer name>
     heads/<task index>/<key>
     preference/<target index>/G | A | B
-    coefficients/lambdas | coefficients/omega       (preference-conditioned coefficients only)
-    basis/<merged layer name>                        (the same: the task vectors, [K, *shape])
+    coefficients/lambdas | coefficients/omega
+    basis/<merged layer name>                          (dense layers of the preference basis, [K, *shape])
+    basis_left/<layer> | basis_right/<layer>           (factored layers: [m, K, r] and [n, K, r] int8 codes ...)
+    basis_left_scale/<layer> | basis_right_scale/<layer>    (... and their scales, [K, r])
 
-With preference-conditioned coefficients (ours, `ParetoMerging`'s default) ``at(γ)`` adds Σ_k (c_k(γ) − λ_k) τ_k to the
-base, so the file also holds the task vectors it was trained with: about (1 + K)× one backbone instead of 1×
-(benchmarks/bench_checkpoint_size.py).
-
-The base, heads and specs are those of a `.ckpt`'s section (`checkpoint.pack` / `checkpoint.unpack`), and
-``load_pareto_set(path).at(γ)`` runs the same kernels as ``ParetoMerging.load_from_checkpoint(...).at(γ)``
-(`kernels.merge` of the stored base and Δ(γ), then `kernels.materialize`), so the two give identical models. Loading
-needs no Trainer and no Lightning checkpoint machinery.
+Loading rebuilds the module itself (`ParetoMerging`, `AdaMerging`) from the stored hyperparameters and restores it as
+``load_from_checkpoint`` does (`MergingModule.restore`), so ``load_pareto_set(path).at(γ)`` *is*
+``MergingModule.at``: the same θ(γ), built by the same `MergingModule.merged_parameters`. Files written before the
+compact set (the full basis as ``basis/``, λ stored only with it) still load.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,13 +36,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from paretomerge.kernels import MergedModel, PreferenceTensor, TaskVectors, materialize, merge, preference_coefficients
+from paretomerge.kernels import MergedModel, PreferenceTensor, TaskVectors
 from paretomerge.modules import checkpoint as ckpt
 from paretomerge.modules.base import MergingModule
 from paretomerge.modules.checkpoint import CheckpointError
-from paretomerge.preferences import preference_for
 
 FORMAT = "paretomerge.pareto_set/1"
+# `PreferenceBasis.state`'s parts, and their names in the file
+BASIS_PREFIXES = {"dense": "basis/", "left": "basis_left/", "right": "basis_right/", "left_scale": "basis_left_scale/",
+                  "right_scale": "basis_right_scale/"}
 METADATA_KEY = "paretomerge"
 
 
@@ -58,20 +61,15 @@ def export_pareto_set(module: MergingModule, path: str | os.PathLike) -> Path:
     if missing:
         warnings.warn(f"export_pareto_set: {str(path)!r} {ckpt.missing_modules_message(missing, 'load_pareto_set')}",
                       stacklevel=2)
-    # the same base, heads, specs (and basis) as a .ckpt holds
-    section = ckpt.pack(tv, module.base_parameters(), module.coefficient_basis())
+    # the same base, heads, specs and preference basis as a .ckpt holds
+    section = ckpt.pack(tv, module.base_parameters(), module.preference_basis())
     tensors = {f"base/{name}": t for name, t in section["base"].items()}
-    if "basis" in section:
-        tensors.update({f"basis/{name}": t for name, t in section["basis"].items()})
-        tensors.update({"coefficients/lambdas": module.lambdas, "coefficients/omega": module.omega})
+    for part, prefix in BASIS_PREFIXES.items():
+        tensors.update({prefix + name: t for name, t in section.get("preference_basis", {}).get(part, {}).items()})
     for index, task in enumerate(tv.task_names):
         tensors.update({f"heads/{index}/{key}": t for key, t in section["heads"][task].items()})
+    tensors.update({_export_name(key): t for key, t in _state_tensors(module).items()})
     pt: PreferenceTensor | None = getattr(module, "preference_tensor", None)
-    targets = []
-    if pt is not None:
-        for index, (name, g, a, b) in enumerate(zip(pt.names, pt.G, pt.A, pt.B, strict=True)):
-            tensors.update({f"preference/{index}/G": g, f"preference/{index}/A": a, f"preference/{index}/B": b})
-            targets.append({"name": name, "shape": list(pt.shapes[name])})
     config = {
         "format": FORMAT,
         "module": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -81,9 +79,10 @@ def export_pareto_set(module: MergingModule, path: str | os.PathLike) -> Path:
         "head_specs": [section["head_specs"][t] for t in tv.task_names],
         "backbone_class": section["backbone_class"],
         "head_classes": [section["head_classes"][t] for t in tv.task_names],
-        "targets": targets,
+        "targets": [{"name": name, "shape": list(pt.shapes[name])} for name in pt.names] if pt is not None else [],
         "rank": pt.rank if pt is not None else None,
-        "preference_coefficients": "basis" in section,
+        "preference_coefficients": module.preference_conditioned,
+        "basis_rank": module.hparams.get("basis_rank"),
         "lambda_bounds": list(module.hparams.lambda_bounds) if module.hparams.get("lambda_bounds") else None,
         "hyper_parameters": json.loads(json.dumps(dict(module.hparams), default=str)),
     }
@@ -98,13 +97,35 @@ def export_pareto_set(module: MergingModule, path: str | os.PathLike) -> Path:
     return path
 
 
-class ParetoSet:
-    """A loaded export: ``at(γ)`` gives the plain model for a preference (one model for AdaMerging exports)."""
+def _state_tensors(module: MergingModule) -> dict[str, Tensor]:
+    """The module's trainable state (λ, ω, G, A, B), without the metrics' states."""
+    return {key: t for key, t in module.state_dict().items() if not key.startswith("accuracy.")}
 
-    def __init__(self, task_vectors: TaskVectors, preference_tensor: PreferenceTensor | None,
-                 config: dict[str, Any], coefficients: dict[str, Any] | None = None) -> None:
-        self.task_vectors, self.preference_tensor, self.config = task_vectors, preference_tensor, config
-        self.coefficients = coefficients  # {"lambdas", "omega", "basis"} for preference-conditioned coefficients
+
+# the export's names for state-dict keys (the preference tensor's ``G.3`` is ``preference/3/G``)
+_STATE_NAMES = {"lambdas": "coefficients/lambdas", "omega": "coefficients/omega"}
+_TENSOR_KEY = re.compile(r"^preference_tensor\.([GAB])\.(\d+)$")
+
+
+def _export_name(key: str) -> str:
+    match = _TENSOR_KEY.match(key)
+    return f"preference/{match.group(2)}/{match.group(1)}" if match else _STATE_NAMES.get(key, key)
+
+
+class ParetoSet:
+    """A loaded export: ``at(γ)`` gives the plain model for a preference (one model for AdaMerging exports). It holds
+    the rebuilt module (``.module``), whose `MergingModule.at` it calls."""
+
+    def __init__(self, module: MergingModule, config: dict[str, Any]) -> None:
+        self.module, self.config = module, config
+
+    @property
+    def task_vectors(self) -> TaskVectors:
+        return self.module.task_vectors
+
+    @property
+    def preference_tensor(self) -> PreferenceTensor | None:
+        return getattr(self.module, "preference_tensor", None)
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -112,41 +133,36 @@ class ParetoSet:
 
     @property
     def preference_aware(self) -> bool:
-        return bool(self.config["preference_aware"])
+        return self.module.preference_aware
 
-    @torch.no_grad()
     def at(self, preference: Sequence[float] | Tensor | None = None) -> MergedModel:
-        """A plain eval-mode model with weights base + Δ(γ) and the task heads; γ is validated and normalised."""
-        gamma = preference_for(preference, self.task_names, self.preference_aware, "ParetoSet")
-        deltas = None
-        if self.preference_tensor is not None and gamma is not None:
-            deltas = self.preference_tensor.delta(gamma.to(self.task_vectors.device))
-        basis = offset = None
-        if self.coefficients is not None and gamma is not None:  # as MergingModule.merged_parameters does
-            c = self.coefficients
-            bounds = self.config.get("lambda_bounds")
-            gamma = gamma.to(c["lambdas"])
-            offset = preference_coefficients(c["lambdas"], c["omega"], gamma, tuple(bounds) if bounds else None) \
-                - c["lambdas"]
-            basis = c["basis"]
-        params = merge(self.task_vectors.theta0, basis, offset, deltas)
-        shared = self.task_vectors.theta0
-        return materialize(self.task_vectors, params, owned=[n for n, p in params.items() if p is not shared[n]])
+        """A plain eval-mode model with weights θ(γ) and the task heads; γ is validated and normalised."""
+        return self.module.at(preference)
 
     def to(self, device: torch.device | str) -> ParetoSet:
         """Move everything to ``device`` in place; returns self."""
-        self.task_vectors.to(device)
-        if self.preference_tensor is not None:
-            self.preference_tensor.to(device)
-        if self.coefficients is not None:
-            c = self.coefficients
-            self.coefficients = {"lambdas": c["lambdas"].to(device), "omega": c["omega"].to(device),
-                                 "basis": {name: t.to(device) for name, t in c["basis"].items()}}
+        self.module.to(device)
         return self
 
     def __repr__(self) -> str:
         kind = f"rank-{self.config['rank']} preference tensor" if self.preference_tensor is not None else "one model"
+        if self.module.preference_conditioned:
+            kind += f", basis_rank {self.config.get('basis_rank')!r}"
         return f"ParetoSet(tasks={list(self.task_names)}, {kind}, module={self.config['module']})"
+
+
+def _module_class(name: Any) -> type[MergingModule]:
+    """The `MergingModule` subclass an export names, among those defined in this process (nothing is imported: a
+    file does not get to run a package's import-time code)."""
+    pending, seen = [MergingModule], {}
+    while pending:
+        cls = pending.pop()
+        seen[f"{cls.__module__}.{cls.__qualname__}"] = cls
+        pending.extend(cls.__subclasses__())
+    if name not in seen:
+        raise CheckpointError(f"the export was written by module {name!r}, which is not a MergingModule defined in "
+                              "this process (import the module that defines it first)")
+    return seen[name]
 
 
 def load_pareto_set(path: str | os.PathLike, backbone: nn.Module | None = None,
@@ -180,31 +196,30 @@ def load_pareto_set(path: str | os.PathLike, backbone: nn.Module | None = None,
             "head_specs": dict(zip(names, config["head_specs"], strict=True)),
             "backbone_class": config.get("backbone_class"),
             "head_classes": dict(zip(names, config.get("head_classes") or [None] * len(names), strict=True)),
-            "base": {key[len("base/"):]: t for key, t in tensors.items() if key.startswith("base/")},
-            "heads": {task: {key.split("/", 2)[2]: t for key, t in tensors.items() if key.startswith(f"heads/{index}/")}
-                      for index, task in enumerate(names)},
+            "base": _under(tensors, "base/"),
+            "heads": {task: _under(tensors, f"heads/{index}/") for index, task in enumerate(names)},
+            "preference_basis": {part: _under(tensors, prefix) for part, prefix in BASIS_PREFIXES.items()},
         }
-        tv = ckpt.unpack(section, backbone, heads, loader="load_pareto_set")
-        preference_tensor = None
-        if config["targets"]:
-            shapes = {t["name"]: tuple(t["shape"]) for t in config["targets"]}
-            preference_tensor = PreferenceTensor(shapes, len(names), int(config["rank"]))
-            own = preference_tensor.state_dict()
-            stored = {}
-            for index in range(len(shapes)):
-                for part in "GAB":
-                    stored[f"{part}.{index}"] = tensors[f"preference/{index}/{part}"]
-            if set(stored) != set(own):
-                raise KeyError(f"preference tensor entries {sorted(set(own) ^ set(stored))}")
-            preference_tensor.load_state_dict(stored, strict=True)
-            preference_tensor.eval().requires_grad_(False)
-        coefficients = None
-        if config.get("preference_coefficients"):
-            section["basis"] = {key[len("basis/"):]: t for key, t in tensors.items() if key.startswith("basis/")}
-            coefficients = {"lambdas": tensors["coefficients/lambdas"], "omega": tensors["coefficients/omega"],
-                            "basis": ckpt.unpack_basis(section, tv)}
+        if not any(section["preference_basis"].values()):
+            del section["preference_basis"]
+        cls = _module_class(config.get("module"))
+        hparams = cls.upgrade_hyperparameters(dict(config.get("hyper_parameters") or {}))
+        accepted = inspect.signature(cls.__init__).parameters
+        module = cls(**{key: value for key, value in hparams.items() if key in accepted})
+        module.restore(section, loader="load_pareto_set", backbone=backbone, heads=heads)
+        own = _state_tensors(module)
+        stored = {key: tensors[_export_name(key)] for key in own if _export_name(key) in tensors}
+        # λ only matters beside a basis: files written before the compact set stored it only then
+        missing = [key for key in own if key not in stored and (key != "lambdas" or module.preference_conditioned)]
+        if missing:
+            raise CheckpointError(f"{str(path)!r} has no {[_export_name(k) for k in missing]}")
+        module.load_state_dict(stored, strict=False)
     except CheckpointError:
         raise
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(f"cannot rebuild the Pareto set stored in {str(path)!r}: {err}") from err
-    return ParetoSet(tv, preference_tensor, config, coefficients)
+    return ParetoSet(module.eval().requires_grad_(False), config)
+
+
+def _under(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}

@@ -4,17 +4,26 @@ which also conditions the task-vector coefficients on γ (``preference_coefficie
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from paretomerge.kernels import DEFAULT_TARGETS, PreferenceTensor, TaskVectors, preference_coefficients, select_targets
+from paretomerge.kernels.basis import check_rank
 from paretomerge.modules.base import MergingModule
+from paretomerge.modules.checkpoint import CheckpointError
 from paretomerge.objectives import cosine_alignment, entropy, frobenius_penalty, marginal_divergence, smooth_tchebycheff
 from paretomerge.preferences import sample_dirichlet
 
 #: The switches that turn our default back into the paper's method, SPEC §3 exactly (configs/pareto_merging_paper.yaml).
 PAPER_CONFIGURATION = {"preference_coefficients": False, "beta_div": 0.0}
+
+#: What a checkpoint written before each of these hyperparameters existed meant by it.
+LEGACY_HYPERPARAMETERS = {**PAPER_CONFIGURATION, "basis_rank": None}
+
+#: The rank of ours' preference basis (`kernels.PreferenceBasis`), chosen by benchmarks/bench_compact.py.
+DEFAULT_BASIS_RANK = 16
 
 
 class ParetoMerging(MergingModule):
@@ -50,7 +59,14 @@ class ParetoMerging(MergingModule):
             TinySuite the paper's preference tensor alone barely moves its task (own-task entropy by ≤ 0.02 nats at
             the one-hots); with c(γ) the one-hots lower it by 0.07–0.17 nats and raise 7–8 of 8 tasks by +5.6 to +8.0
             points on average (benchmarks/README.md, "preference_response.py"). Costs L·K parameters, and a `.ckpt`
-            or export then also stores the task vectors.
+            or export then also stores the preference basis τ̃ that c(γ) − λ multiplies (``basis_rank``).
+        basis_rank: ours. The preference basis: θ(γ) = θ0 + Σ_k λ_k τ_k + Σ_k (c_k(γ) − λ_k) τ̃_k + Δ(γ), where τ̃_k is
+            each ≥2-D task vector's truncated SVD, stored as int8 factors (`kernels.PreferenceBasis`), so the stored
+            set is one model plus factors. An int is the rank per matrix; a float in (0, 1) that fraction of each
+            matrix's rank; None keeps the full task vectors (K more backbones in the `.ckpt`). The model trains with
+            the basis it stores. The default, an absolute rank of 16 (a quarter of the TinySuite's 64-wide layers'
+            rank), kept TinySuite seeds 0-3 within 0.9% of the full basis's hypervolume (rank 8 lost 1.75% on one)
+            and stores ViT-B/32 at K = 8 in a `.ckpt` of 1.09 backbones (benchmarks/README.md, "bench_compact.py").
         beta_div: ours. Weight of Σ_k KL(p̄_k ‖ uniform), the batch-mean prediction's divergence from uniform
             (`objectives.marginal_divergence`): it penalises a task collapsing onto one class. 0 turns it off.
         preference_floor: ρ in [0, 1); the smooth-Tchebycheff term weighs the tasks by (1 − ρ)·γ + ρ/K instead of γ,
@@ -78,6 +94,7 @@ class ParetoMerging(MergingModule):
         preference_coefficients: bool = True,
         beta_div: float = 0.1,
         preference_floor: float = 0.0,
+        basis_rank: int | float | None = DEFAULT_BASIS_RANK,
     ) -> None:
         super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, seed=seed, ties_top_k=ties_top_k,
                          compile_forward=compile_forward)
@@ -95,6 +112,7 @@ class ParetoMerging(MergingModule):
         for name, value in (("beta_cos", beta_cos), ("beta_frob", beta_frob), ("beta_div", beta_div)):
             if not value >= 0:
                 raise ValueError(f"{name} must be non-negative, got {value!r}")
+        check_rank(basis_rank)
         self.preference_tensor: PreferenceTensor | None = None
         self.omega: torch.nn.Parameter | None = None
         if task_vectors is not None:
@@ -158,9 +176,19 @@ class ParetoMerging(MergingModule):
         hp = self.hparams
         return sample_dirichlet(self._tv().num_tasks, hp.alpha, hp.seed, self.global_step, self.global_rank)
 
+    @classmethod
+    def upgrade_hyperparameters(cls, stored: Mapping[str, Any]) -> dict[str, Any]:
+        """A checkpoint written before preference-conditioned coefficients existed has neither ω nor their
+        hyperparameters: it is the paper's model. One written before the compact set stored the full basis."""
+        return {**LEGACY_HYPERPARAMETERS, **stored}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # A .ckpt written before preference-conditioned coefficients existed has neither ω nor their hyperparameter:
-        # it is the paper's model, and loads as one.
-        if "preference_coefficients" not in checkpoint.get("hyper_parameters", {"preference_coefficients": None}):
-            self.hparams.update(PAPER_CONFIGURATION)
+        if checkpoint.get("hyper_parameters") is not None:
+            stored = self.upgrade_hyperparameters(checkpoint["hyper_parameters"])
+            if self.task_vectors is None:  # loading: the checkpoint decides
+                self.hparams.update({key: stored[key] for key in LEGACY_HYPERPARAMETERS})
+            elif self.preference_conditioned and self.hparams.basis_rank != stored["basis_rank"]:
+                raise CheckpointError(f"the checkpoint was trained with basis_rank={stored['basis_rank']!r}, this "
+                                      f"model has basis_rank={self.hparams.basis_rank!r}: resume with "
+                                      f"basis_rank={stored['basis_rank']!r}")
         super().on_load_checkpoint(checkpoint)
