@@ -1,6 +1,9 @@
 """How close Pareto Merging runs to its physical floor (issue 8): the limit table, as ratios measured alternating in
 one run, medians over rounds. Prints Markdown.
 
+Rows 1-3 run for each configuration asked (``--configs``): the paper's (SPEC §3), ours with the full basis
+(``basis_rank=None``) and ours with the default preference basis (`kernels.PreferenceBasis`). Rows 4-5: the paper's.
+
 Rows (each with its target):
   1. PM step / plain step: one Pareto Merging training step (merge + Δ(γ) + forward + backward + Adam + λ clamp)
      against one ordinary training step of the same backbone (all weights trainable, Adam) on the same images, on
@@ -18,8 +21,9 @@ Rows (each with its target):
 
 Every ratio is the median of per-round ratios; in each round the two sides run in alternating order.
 
-Run:  .venv/bin/python benchmarks/bench_limits.py               (about 15 minutes on 2 cores)
+Run:  .venv/bin/python benchmarks/bench_limits.py               (about 25 minutes on 2 cores)
       .venv/bin/python benchmarks/bench_limits.py --rows 1 3    (some rows only)
+      .venv/bin/python benchmarks/bench_limits.py --rows 1 --configs ours   (one configuration)
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION  # noqa: E402
 from paretomerge.preferences import sample_dirichlet  # noqa: E402
 
 TARGETS = {1: 1.10, 2: 0.05, 3: 1.10, 4: 1.5, 5: 1.2}
+CONFIGURATIONS = {"paper": PAPER_CONFIGURATION, "ours, full basis": {"basis_rank": None}, "ours": {}}
 
 
 def alternate(first: Callable[[int], None], second: Callable[[int], None], rounds: int) -> list[float]:
@@ -76,28 +81,39 @@ def pm_step(model: ParetoMerging, batches: list[dict[str, torch.Tensor]]) -> Cal
     return step
 
 
-def row_step(name: str, problem: tuple, rounds: int) -> tuple[str, float, str]:
+def trained_looking(model: ParetoMerging) -> ParetoMerging:
+    """G (and ω) away from 0, so that Δ(γ) and the preference part are not zero; the basis built before timing."""
+    with torch.no_grad():
+        for g in model.preference_tensor.G:
+            g.normal_(std=0.01)
+        if model.omega is not None:
+            model.omega.normal_(std=0.05)
+    model.preference_basis()
+    return model
+
+
+def row_step(name: str, problem: tuple, rounds: int, config: str) -> tuple[str, float, str]:
     tv, batches = problem
-    model = ParetoMerging(task_vectors=tv, **PAPER_CONFIGURATION)
+    model = trained_looking(ParetoMerging(task_vectors=tv, **CONFIGURATIONS[config]))
     plain = PlainStep(tv, model)
     pm = pm_step(model, batches)
     pm(0), plain(batches[0], sample_dirichlet(tv.num_tasks, 1.0, 0, 0))  # warm-up
     ratios = alternate(pm, lambda r: plain(batches[r % len(batches)], sample_dirichlet(tv.num_tasks, 1.0, 0, r)),
                        rounds)
     images = sum(x.shape[0] for x in batches[0].values())
-    return f"PM step / plain step, {name} (K={tv.num_tasks}, {images} images)", statistics.median(ratios), \
+    return f"PM step / plain step, {name} (K={tv.num_tasks}, {images} images), {config}", statistics.median(ratios), \
         f"{min(ratios):.3f}–{max(ratios):.3f}"
 
 
-def row_merge_share(problem: tuple, rounds: int) -> tuple[str, float, str]:
+def row_merge_share(problem: tuple, rounds: int, config: str) -> tuple[str, float, str]:
     tv, batches = problem
-    model = ParetoMerging(task_vectors=tv, **PAPER_CONFIGURATION)
+    model = trained_looking(ParetoMerging(task_vectors=tv, **CONFIGURATIONS[config]))
     opt = model.configure_optimizers()
     shares = []
     for r in range(rounds + 1):
         gamma = sample_dirichlet(tv.num_tasks, 1.0, 0, r)
         start = time.perf_counter()
-        params = model.merged_parameters(gamma)  # Δ(γ) and the merge: the step's merge + delta phases
+        params = model.merged_parameters(gamma)  # θ(γ): the base, the preference part and Δ(γ)
         merged = time.perf_counter()
         logits = forward_tasks(tv.backbone, tv.heads, params, batches[r % len(batches)])
         model.objective(logits, gamma)["loss"].backward()
@@ -107,19 +123,16 @@ def row_merge_share(problem: tuple, rounds: int) -> tuple[str, float, str]:
         if r:  # round 0 warms up
             shares.append((merged - start) / (time.perf_counter() - start))
     images = sum(x.shape[0] for x in batches[0].values())
-    return f"(merge + Δ) / PM step, ViT-B/32 (K={tv.num_tasks}, {images} images)", statistics.median(shares), \
-        f"{min(shares):.3f}–{max(shares):.3f}"
+    return f"(merge + Δ) / PM step, ViT-B/32 (K={tv.num_tasks}, {images} images), {config}", \
+        statistics.median(shares), f"{min(shares):.3f}–{max(shares):.3f}"
 
 
-def row_evaluation(rounds: int) -> tuple[str, float, str]:
+def row_evaluation(rounds: int, config: str) -> tuple[str, float, str]:
     from paretomerge.suites import TinySuite
 
     suite = TinySuite(progress=False)
     tv = suite.task_vectors()
-    model = ParetoMerging(task_vectors=tv, **PAPER_CONFIGURATION)
-    with torch.no_grad():  # a trained-looking preference tensor: Δ(γ) ≠ 0
-        for g in model.preference_tensor.G:
-            g.normal_(std=0.01)
+    model = trained_looking(ParetoMerging(task_vectors=tv, **CONFIGURATIONS[config]))
     preferences = summary_preferences(tv.num_tasks)
     unmerged = materialize(tv, tv.theta0)
     suite.evaluate(unmerged, split="val")  # decode the validation split once, before timing
@@ -133,7 +146,7 @@ def row_evaluation(rounds: int) -> tuple[str, float, str]:
 
     front(0)
     ratios = alternate(front, plain, rounds)
-    return f"evaluating P={len(preferences)} preferences / P plain forwards, TinySuite val", \
+    return f"evaluating P={len(preferences)} preferences / P plain forwards, TinySuite val, {config}", \
         statistics.median(ratios), f"{min(ratios):.3f}–{max(ratios):.3f}"
 
 
@@ -228,6 +241,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9, help="rounds per ratio, and fits for row 5 (at least 5)")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--per-task", type=int, default=2, help="ViT-B/32 images per task")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS),
+                        help="configurations for rows 1-3")
     parser.add_argument("--child", choices=("fit", "activations", "at"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -242,12 +257,14 @@ def main() -> None:
     results = []
     for row in sorted(set(args.rows)):
         if row == 1:
-            results.append((1, *row_step("TinySuite", tiny_problem(), args.rounds)))
-            results.append((1, *row_step("ViT-B/32", vit, args.rounds)))
+            tiny = tiny_problem()
+            for config in args.configs:
+                results.append((1, *row_step("TinySuite", tiny, args.rounds, config)))
+                results.append((1, *row_step("ViT-B/32", vit, args.rounds, config)))
         elif row == 2:
-            results.append((2, *row_merge_share(vit, args.rounds)))
+            results += [(2, *row_merge_share(vit, args.rounds, config)) for config in args.configs]
         elif row == 3:
-            results.append((3, *row_evaluation(args.rounds)))
+            results += [(3, *row_evaluation(args.rounds, config)) for config in args.configs]
         elif row == 4:
             results.append((4, *row_at(args.tasks, args.per_task, 3 * args.rounds)))  # allocation-bound: more rounds
         elif row == 5:

@@ -4,14 +4,15 @@ step of the same backbone (all weights trainable, Adam) on the same images.
 Phases, timed with `time.perf_counter` around each (CPU: every op is synchronous; on a GPU each phase ends with
 ``torch.cuda.synchronize``):
   data       a copy of the next batch, drawn beforehand (from TinySuite's adaptation loader, or synthetic)
-  delta      Δ(γ) for every target (`PreferenceTensor.delta`)
-  merge      θ0 + Σ λ τ + Δ for every layer (`kernels.merge`)
+  merge      θ(γ) for every layer (`MergingModule.merged_parameters`): θ0 + Σ λ τ, ours' preference part
+             Σ (c(γ) − λ) τ̃, and Δ(γ) (`PreferenceTensor.delta`)
   forward    the functional forward over all K task batches, heads and the objective
   backward   loss.backward()
   optimizer  Adam step, zero_grad, λ clamp
 
 Run:  .venv/bin/python benchmarks/profile_step.py --setup vitb32 --per-task 2 --steps 5
       .venv/bin/python benchmarks/profile_step.py --setup tiny --steps 20
+      .venv/bin/python benchmarks/profile_step.py --setup tiny --config ours      (or "ours, full basis"; default paper)
       add --torch-profiler for torch.profiler's top operators of one step
 """
 
@@ -27,11 +28,12 @@ import torch
 from torch import nn
 
 from paretomerge import ModuleSpec, ParetoMerging, TaskVectors
-from paretomerge.kernels import forward_tasks, merge
+from paretomerge.kernels import forward_tasks
 from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION
 from paretomerge.preferences import sample_dirichlet
 
-PHASES = ("data", "delta", "merge", "forward", "backward", "optimizer")
+PHASES = ("data", "merge", "forward", "backward", "optimizer")
+CONFIGURATIONS = {"paper": PAPER_CONFIGURATION, "ours, full basis": {"basis_rank": None}, "ours": {}}
 
 
 def vitb32_problem(num_tasks: int, per_task: int) -> tuple[TaskVectors, list[dict[str, torch.Tensor]]]:
@@ -95,8 +97,10 @@ class PlainStep:
         return marks
 
 
-def run(tv: TaskVectors, batches: list[dict[str, torch.Tensor]], steps: int, rank: int) -> dict[str, list[float]]:
-    model = ParetoMerging(task_vectors=tv, rank=rank, **PAPER_CONFIGURATION)
+def run(tv: TaskVectors, batches: list[dict[str, torch.Tensor]], steps: int, rank: int,
+        config: str = "paper") -> dict[str, list[float]]:
+    model = ParetoMerging(task_vectors=tv, rank=rank, **CONFIGURATIONS[config])
+    model.preference_basis()  # ours: the truncated SVD, once, before timing
     opt = model.configure_optimizers()
     plain = PlainStep(tv, model)
     times: dict[str, list[float]] = defaultdict(list)
@@ -106,11 +110,7 @@ def run(tv: TaskVectors, batches: list[dict[str, torch.Tensor]], steps: int, ran
         gamma = sample_dirichlet(tv.num_tasks, 1.0, 0, step)
         marks = [("data", time.perf_counter() - t)]
         t = time.perf_counter()
-        deltas = model.preference_tensor.delta(gamma)
-        sync()
-        marks.append(("delta", time.perf_counter() - t))
-        t = time.perf_counter()
-        params = merge(tv.theta0, tv.tau, model.lambdas, deltas)
+        params = model.merged_parameters(gamma)
         sync()
         marks.append(("merge", time.perf_counter() - t))
         t = time.perf_counter()
@@ -145,13 +145,15 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=2, help="images per task (vitb32)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--config", choices=list(CONFIGURATIONS), default="paper")
     parser.add_argument("--torch-profiler", action="store_true")
     args = parser.parse_args()
     tv, batches = vitb32_problem(args.tasks, args.per_task) if args.setup == "vitb32" else tiny_problem()
-    times = run(tv, batches, args.steps, args.rank)
+    times = run(tv, batches, args.steps, args.rank, args.config)
     step = statistics.median(times["PM step"])
     print(f"{args.setup}: K={tv.num_tasks}, {sum(x.shape[0] for x in batches[0].values())} images per step, "
-          f"rank {args.rank}, {args.steps} steps after 1 warm-up, torch threads {torch.get_num_threads()}\n")
+          f"rank {args.rank}, {args.config}, {args.steps} steps after 1 warm-up, torch threads "
+          f"{torch.get_num_threads()}\n")
     print("| phase | PM median ms | share of the PM step | plain step median ms |\n|---|---:|---:|---:|")
     for phase in PHASES:
         median = statistics.median(times[phase])
@@ -165,7 +167,7 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run(tv, batches, 1, args.rank)
+            run(tv, batches, 1, args.rank, args.config)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
