@@ -145,21 +145,24 @@ def quality_table(results: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- sizes
-def leading(full: PreferenceBasis, rank: int, shapes: dict[str, tuple[int, ...]]) -> PreferenceBasis:
-    """The rank-``rank`` basis from a larger one: each factored layer's leading columns, dense where
-    `basis.layer_rank` says dense (the truncated SVD at rank r is the first r singular triplets)."""
+def leading(full: PreferenceBasis, rank: int, tau: dict[str, torch.Tensor]) -> PreferenceBasis:
+    """The rank-``rank`` basis from a larger one: each factored layer's leading columns (the truncated SVD at rank r
+    is the first r singular triplets, and int8 scales are per column), dense where `basis.layer_rank` says dense; a
+    layer dense at the larger rank but factored at this one gets its own SVD."""
     dense, factors = {}, {}
-    for name, shape in shapes.items():
-        r = basis.layer_rank(shape, rank)
+    for name, values in tau.items():
+        r = basis.layer_rank(tuple(values.shape[1:]), rank)
         if r == 0:
             continue
         if r is None:
             dense[name] = full.dense[name]  # dense at rank r, so dense at any larger rank too
-        else:
+        elif name in full.factors:
             factors[name] = tuple(basis.Factor(side.codes[..., :r].contiguous(),
                                                None if side.scale is None else side.scale[..., :r].contiguous())
                                   for side in full.factors[name])
-    return PreferenceBasis(shapes, full.num_tasks, dense, factors)
+        else:
+            factors[name] = tuple(basis.Factor.quantize(f, basis.FACTOR_BITS) for f in basis.truncated_svd(values, r))
+    return PreferenceBasis({n: tuple(t.shape[1:]) for n, t in tau.items()}, full.num_tasks, dense, factors)
 
 
 def clip_sizes(model_name: str, num_tasks: int, ranks: list[int | float | None]) -> list[dict]:
@@ -171,7 +174,6 @@ def clip_sizes(model_name: str, num_tasks: int, ranks: list[int | float | None])
     finetuned = [lambda state=state: {k: v + 1e-3 * torch.randn_like(v) for k, v in state.items()} for _ in names]
     heads = {n: nn.Linear(pretrained.output_dim, 10) for n in names}
     tv = TaskVectors.from_state_dicts(pretrained, finetuned, names, heads, copy_backbone=False)
-    shapes = {n: tuple(tv.theta0[n].shape) for n in tv.layer_names}
     if any(isinstance(r, float) for r in ranks):
         raise ValueError("--sizes takes integer ranks (and full)")
     largest = max((r for r in ranks if r is not None), default=None)
@@ -189,7 +191,7 @@ def clip_sizes(model_name: str, num_tasks: int, ranks: list[int | float | None])
     rows = []
     for rank in ranks:
         model.hparams.basis_rank = rank
-        model._basis = PreferenceBasis.full(tv.tau) if rank is None else leading(truncated, rank, shapes)
+        model._basis = PreferenceBasis.full(tv.tau) if rank is None else leading(truncated, rank, tv.tau)
         ckpt_bytes, export_bytes = stored_sizes(fitted, model)
         rows.append({"model": model_name, "tasks": num_tasks, "rank": rank_label(rank),
                      "ckpt": ckpt_bytes / one, "export": export_bytes / one, "backbone_mib": one / MIB,

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_step import PlainStep, tiny_problem, vitb32_problem  # noqa: E402
+from profile_step import CONFIGURATIONS, PlainStep, tiny_problem, vitb32_problem  # noqa: E402
 
 from paretomerge import ParetoMerging  # noqa: E402
 from paretomerge.front import evaluate_front, summary_preferences  # noqa: E402
@@ -50,7 +50,6 @@ from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION  # noqa: E402
 from paretomerge.preferences import sample_dirichlet  # noqa: E402
 
 TARGETS = {1: 1.10, 2: 0.05, 3: 1.10, 4: 1.5, 5: 1.2}
-CONFIGURATIONS = {"paper": PAPER_CONFIGURATION, "ours, full basis": {"basis_rank": None}, "ours": {}}
 
 
 def alternate(first: Callable[[int], None], second: Callable[[int], None], rounds: int) -> list[float]:

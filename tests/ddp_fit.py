@@ -64,7 +64,9 @@ class Recorder(L.Callback):
         trainable = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
         torch.save(trainable, self.out / f"rank{rank}.pt")
         tv = pl_module.task_vectors
+        basis = pl_module.preference_basis() if getattr(pl_module, "preference_conditioned", False) else None
         record = {
+            "basis": None if basis is None else digest(torch.cat([t.flatten().double() for t in basis.tensors()])),
             "rank": rank,
             "world_size": trainer.world_size,
             "global_step": trainer.global_step,
@@ -106,6 +108,12 @@ def main() -> None:
     suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,
                       progress=False, cache_dir=cache_dir)
     model = ParetoMerging(rank=4, seed=0) if method == "pareto" else AdaMerging(seed=0)
+    if os.environ.get("LOCAL_RANK") == "1":  # a device whose SVD gives other bits: it must train with rank 0's basis
+        import paretomerge.kernels.basis as basis_module
+
+        svd = basis_module.truncated_svd
+        basis_module.truncated_svd = lambda tau, rank: tuple(1.5 * f if i == 0 else f
+                                                             for i, f in enumerate(svd(tau, rank)))
     traffic = {"bytes": 0, "buckets": 0}
     # The module registers no buffers (θ0, τ and the heads live outside it), so DDP has none to broadcast.
     strategy = DDPStrategy(process_group_backend="gloo")

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.utilities import CombinedLoader
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.data import DataLoader, TensorDataset
 
 from paretomerge import CheckpointError, ParetoMerging, export_pareto_set, load_pareto_set, merge
 from paretomerge.kernels import PreferenceBasis
@@ -380,3 +382,61 @@ def test_an_adamerging_export_loads_as_its_one_model(tmp_path, granularity):
     assert exported.module.hparams.granularity == granularity and exported.preference_tensor is None
     images = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(exported.at()(images, task="task1"), model.at()(images, task="task1"), rtol=0, atol=0)
+
+
+def test_a_resumed_fit_trains_with_the_stored_basis_not_a_recomputed_one(tmp_path, monkeypatch):
+    suite = SyntheticSuite(num_tasks=3, batch_size=4, num_batches=2)
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(ParetoMerging(rank=4), datamodule=suite)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    stored = torch.load(tmp_path / "a.ckpt", weights_only=True)["paretomerge"]["preference_basis"]
+    svd = basis_module.truncated_svd  # another device's SVD: other bits for the same τ
+    monkeypatch.setattr(basis_module, "truncated_svd", lambda tau, rank: tuple(1.5 * f for f in svd(tau, rank)))
+    resumed = ParetoMerging(rank=4)
+    make_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(resumed, datamodule=suite,
+                                                                  ckpt_path=str(tmp_path / "a.ckpt"))
+    for name, (left, right) in resumed.preference_basis().factors.items():
+        assert torch.equal(left.scale, stored["left_scale"][name]) and torch.equal(right.codes, stored["right"][name])
+    assert not torch.equal(PreferenceBasis.truncated(suite.task_vectors().tau, DEFAULT_BASIS_RANK).factors[
+        "conv1.weight"][0].scale, stored["left_scale"]["conv1.weight"])  # the patched SVD does differ
+
+
+def test_the_dequantized_factors_follow_moves_and_survive_inference_mode(task_vectors):
+    model = ParetoMerging(task_vectors=task_vectors, rank=4)
+    randomise(model)
+    gamma = torch.tensor([0.6, 0.1, 0.3])
+    with torch.inference_mode():  # what trainer.validate/test run under: the cache is filled here
+        model.merged_parameters(gamma)
+    batch = {t: torch.randn(2, 3, 16, 16) for t in task_vectors.task_names}
+    sum(v.sum() for v in model(batch, gamma).values()).backward()  # then training still works
+    assert float(model.omega.grad.abs().max()) > 0
+    model.double()  # the cached float32 matrices must not be reused for float64
+    with torch.no_grad():
+        merged = model.merged_parameters(gamma.double())
+        layer = "transformer.resblocks.0.attn.in_proj_weight"
+        l = task_vectors.layer_names.index(layer)
+        lam, om = model.lambdas, model.omega
+        c = (lam[l] + om[l] * (3 * gamma.double() - 1)).clamp(0, 1)
+        expected = task_vectors.theta0[layer] + torch.einsum("k,k...->...", lam[l], task_vectors.tau[layer]) \
+            + torch.einsum("k,k...->...", c - lam[l], held(model.preference_basis(), layer)) \
+            + model.preference_tensor.delta(gamma.double())[layer]
+    assert merged[layer].dtype == torch.float64
+    torch.testing.assert_close(merged[layer], expected, rtol=0, atol=1e-12)
+
+
+def test_a_bf16_backbone_with_float32_coefficients_loads_as_it_trained(tmp_path):
+    tv = make_task_vectors(num_tasks=3)
+    tv.backbone.to(torch.bfloat16)
+    tv.heads.to(torch.bfloat16)
+    model = ParetoMerging(task_vectors=tv, rank=4)
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    images = {t: DataLoader(TensorDataset(torch.randn(4, 3, 16, 16, dtype=torch.bfloat16)), batch_size=4)
+              for t in tv.task_names}
+    trainer.fit(model, train_dataloaders=CombinedLoader(images, "max_size_cycle"))
+    trainer.save_checkpoint(tmp_path / "bf16.ckpt")
+    loaded = ParetoMerging.load_from_checkpoint(tmp_path / "bf16.ckpt")
+    assert loaded.lambdas.dtype == torch.float32 and loaded.task_vectors.backbone.conv1.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.lambdas, model.lambdas.detach())
+    images = torch.randn(3, 3, 16, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(loaded.at([0.2, 0.3, 0.5])(images, task="task0"),
+                               model.at([0.2, 0.3, 0.5])(images, task="task0"), rtol=0, atol=0)

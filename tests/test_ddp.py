@@ -23,6 +23,7 @@ from paretomerge import AdaMerging, ParetoMerging
 from paretomerge.preferences import sample_dirichlet
 from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
 from tests.conftest import SMALL_RECIPE
+from tests.ddp_fit import digest
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -86,6 +87,9 @@ def test_ddp_fit_pareto_merging(pareto_fit, cache):
         for step, gamma in enumerate(record["gammas"]):
             assert gamma == pytest.approx(sample_dirichlet(3, 1.0, 0, step, rank).tolist())
     assert all(g0 != g1 for g0, g1 in zip(ranks[0]["gammas"], ranks[1]["gammas"], strict=True))
+    # rank 1's SVD gives other factors (ddp_fit.py): every rank trained with rank 0's, which the checkpoint holds
+    stored = model.preference_basis()
+    assert ranks[0]["basis"] == ranks[1]["basis"] == digest(torch.cat([t.flatten().double() for t in stored.tensors()]))
     # validation metrics are synced across ranks by torchmetrics: the logged accuracy (each rank saw half the
     # validation images) equals the accuracy of the saved model on the whole validation split
     suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,

@@ -92,6 +92,11 @@ class Factor:
     def shape(self) -> torch.Size:
         return self.codes.shape
 
+    @property
+    def device(self) -> torch.device | None:
+        tensors = self.tensors()
+        return tensors[0].device if tensors else None
+
     def tensors(self) -> list[Tensor]:
         return [self.codes] if self.scale is None else [self.codes, self.scale]
 
@@ -169,7 +174,8 @@ class PreferenceBasis:
         if key not in self._dequantized:
             left, right = self.factors[name]
             k_r = left.shape[1] * left.shape[2]
-            self._dequantized[key] = (left.values(dtype).reshape(-1, k_r), right.values(dtype).reshape(-1, k_r).T)
+            with torch.inference_mode(False), torch.no_grad():  # built under inference mode, still usable in training
+                self._dequantized[key] = (left.values(dtype).reshape(-1, k_r), right.values(dtype).reshape(-1, k_r).T)
         return self._dequantized[key]
 
     # ---------------------------------------------------------------- views
@@ -181,6 +187,11 @@ class PreferenceBasis:
     def ranks(self) -> dict[str, int | None]:
         """name -> the factors' rank, or None for a dense layer."""
         return {**{n: None for n in self.dense}, **{n: left.shape[-1] for n, (left, _) in self.factors.items()}}
+
+    @property
+    def device(self) -> torch.device | None:
+        tensors = self.tensors()
+        return tensors[0].device if tensors else None
 
     def tensors(self) -> list[Tensor]:
         return [*self.dense.values(), *(t for pair in self.factors.values() for side in pair for t in side.tensors())]

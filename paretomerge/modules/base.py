@@ -162,18 +162,29 @@ class MergingModule(L.LightningModule):
         return False
 
     def preference_basis(self) -> PreferenceBasis | None:
-        """τ̃, what c(γ) − λ multiplies (SPEC §3b): built from τ when first needed (a truncated SVD at the
-        ``basis_rank`` hyperparameter, or τ itself for None), or a `.ckpt`'s; None when the coefficients do not depend
-        on γ."""
+        """τ̃, what c(γ) − λ multiplies (SPEC §3b): τ itself for ``basis_rank=None`` (shared, never a second copy), else
+        a truncated SVD of τ built when first needed, or a `.ckpt`'s; None when the coefficients do not depend on γ."""
         if not self.preference_conditioned:
             return None
+        tv = self._tv()
         if self._basis is None:
-            tv = self._tv()
             if not tv.has_task_vectors:
                 raise RuntimeError(f"{type(self).__name__} has preference-conditioned coefficients but neither task "
                                    "vectors nor a checkpoint's preference basis to apply them to")
-            self._basis = PreferenceBasis.truncated(tv.tau, self.hparams.get("basis_rank"))
+            rank = self.hparams.get("basis_rank")
+            if rank is None:
+                return PreferenceBasis.full(tv.tau)
+            self._basis = PreferenceBasis.truncated(tv.tau, rank)
+        if self._basis.device != tv.device:  # the task vectors were moved on their own (`task_vectors.to(...)`)
+            self._basis.apply_(lambda t: t.to(tv.device))
         return self._basis
+
+    def on_fit_start(self) -> None:
+        # Every process trains with rank zero's basis: an SVD is not promised to give the same bits on every device.
+        # Only a truncated basis travels (megabytes); the full one is τ, which every process has.
+        if self.preference_conditioned and self.trainer.world_size > 1 and self.hparams.get("basis_rank") is not None:
+            state = self.trainer.strategy.broadcast(self.preference_basis().state(), src=0)
+            self._basis = ckpt.unpack_basis({"preference_basis": state}, self._tv(), self.hparams.basis_rank)
 
     def merged_parameters(self, gamma: Tensor | None) -> dict[str, Tensor]:
         """θ(γ) = θ0 + Σ_k λ_k τ_k + Σ_k (c_k(γ) − λ_k) τ̃_k + Δ(γ) for every merged layer: one formula, through the
@@ -365,7 +376,9 @@ class MergingModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         section = ckpt.section_of(checkpoint)
         if self.task_vectors is None:
-            self.restore(section, loader=f"{type(self).__name__}.load_from_checkpoint")
+            state = checkpoint.get("state_dict") or {}
+            self.restore(section, loader=f"{type(self).__name__}.load_from_checkpoint",
+                         state_dtype=state["lambdas"].dtype if "lambdas" in state else None)
             return
         # resuming: the task vectors must be those the checkpoint was trained with, and the basis is the stored one
         ckpt.check_compatible(ckpt.section_signature(section), self.task_vectors, "the checkpoint")
@@ -375,20 +388,32 @@ class MergingModule(L.LightningModule):
         self._restore_basis(section)
 
     def restore(self, section: Mapping[str, Any], loader: str, backbone: nn.Module | None = None,
-                heads: Mapping[str, nn.Module] | None = None) -> None:
+                heads: Mapping[str, nn.Module] | None = None, state_dtype: torch.dtype | None = None) -> None:
         """Rebuild from a `.ckpt`'s section (or an export's, `load_pareto_set`) in a process that has nothing else:
-        the base-only task vectors (``backbone``/``heads`` for what it could not record) and the preference basis. The
-        trainable state (λ, ω, G, A, B) is loaded after this, from the state dict."""
+        the base-only task vectors (``backbone``/``heads`` for what it could not record; in the dtype the base was
+        saved in) and the preference basis. λ, ω, G, A, B are made ``state_dtype`` (the dtype they were saved in) and
+        loaded after this, from the state dict."""
         self.attach(ckpt.unpack(section, backbone, heads, loader=loader))
-        self.to(ckpt.stored_dtype(section))  # λ, ω, G, A, B then load in the dtype they were saved in
+        if state_dtype is not None:
+            for param in self.parameters():
+                param.data = param.data.to(state_dtype)
         self._restore_basis(section)
 
     def _restore_basis(self, section: Mapping[str, Any]) -> None:
         # The stored basis, bit for bit: at(γ) after loading, and a resumed fit, use the formula the model trained with.
-        self._basis = ckpt.unpack_basis(section, self.task_vectors, self.hparams.get("basis_rank"))
+        tv = self.task_vectors
+        self._basis = ckpt.unpack_basis(section, tv, self.hparams.get("basis_rank"))
         if self.preference_conditioned and self._basis is None:
-            raise CheckpointError(f"{type(self).__name__}: the checkpoint has preference-conditioned coefficients "
-                                  "but no preference basis (written by another module, or damaged)")
+            raise CheckpointError(f"{type(self).__name__} has preference-conditioned coefficients, but the checkpoint "
+                                  "holds no preference basis for them (written by the paper's configuration, or "
+                                  "damaged)")
+        if self._basis is not None and self.hparams.get("basis_rank") is None and tv.has_task_vectors:
+            # The full basis is τ: resuming keeps the task vectors (shared) once they are checked to be the stored ones.
+            for name, stored in self._basis.dense.items():
+                if not torch.equal(stored, tv.tau[name].to(stored.dtype)):
+                    raise CheckpointError(f"the task vectors differ from the ones this checkpoint was trained with "
+                                          f"(its full preference basis), first at layer {name!r}")
+            self._basis = None
 
     @classmethod
     def upgrade_hyperparameters(cls, stored: Mapping[str, Any]) -> dict[str, Any]:

@@ -206,7 +206,9 @@ def load_pareto_set(path: str | os.PathLike, backbone: nn.Module | None = None,
         hparams = cls.upgrade_hyperparameters(dict(config.get("hyper_parameters") or {}))
         accepted = inspect.signature(cls.__init__).parameters
         module = cls(**{key: value for key, value in hparams.items() if key in accepted})
-        module.restore(section, loader="load_pareto_set", backbone=backbone, heads=heads)
+        saved = tensors.get("coefficients/lambdas", tensors.get("preference/0/G"))
+        module.restore(section, loader="load_pareto_set", backbone=backbone, heads=heads,
+                       state_dtype=None if saved is None else saved.dtype)
         own = _state_tensors(module)
         stored = {key: tensors[_export_name(key)] for key in own if _export_name(key) in tensors}
         # λ only matters beside a basis: files written before the compact set stored it only then

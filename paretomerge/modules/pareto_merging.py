@@ -187,8 +187,11 @@ class ParetoMerging(MergingModule):
             stored = self.upgrade_hyperparameters(checkpoint["hyper_parameters"])
             if self.task_vectors is None:  # loading: the checkpoint decides
                 self.hparams.update({key: stored[key] for key in LEGACY_HYPERPARAMETERS})
-            elif self.preference_conditioned and self.hparams.basis_rank != stored["basis_rank"]:
-                raise CheckpointError(f"the checkpoint was trained with basis_rank={stored['basis_rank']!r}, this "
-                                      f"model has basis_rank={self.hparams.basis_rank!r}: resume with "
-                                      f"basis_rank={stored['basis_rank']!r}")
+            else:  # resuming: what the stored state is must match
+                keys = ("preference_coefficients", "basis_rank") if self.preference_conditioned else \
+                    ("preference_coefficients",)
+                for key in keys:
+                    if self.hparams[key] != stored[key]:
+                        raise CheckpointError(f"the checkpoint was trained with {key}={stored[key]!r}, this model has "
+                                              f"{key}={self.hparams[key]!r}: resume with {key}={stored[key]!r}")
         super().on_load_checkpoint(checkpoint)
