@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,5 +47,24 @@ def marginal_divergence(logits: Tensor) -> Tensor:
     """KL(p̄ ‖ uniform) = log C − H(p̄), with p̄ the batch's mean prediction: 0 when the batch's predictions are spread
     evenly over the C classes, log C when every input is given the same class. The diversity half of information
     maximisation; as a penalty it keeps entropy minimisation from collapsing a task onto one confident class."""
-    log_mean = torch.logsumexp(F.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
-    return math.log(logits.shape[-1]) + (log_mean.exp() * log_mean).sum()
+    mean = F.softmax(logits, dim=-1).mean(0)
+    # a class no input gives any probability (a -inf logit) contributes 0, and no NaN to the gradient, as in `entropy`
+    return math.log(logits.shape[-1]) + (mean * mean.clamp_min(torch.finfo(mean.dtype).tiny).log()).sum()
+
+
+def entropy_objective(logits: Mapping[str, Tensor], tasks: Sequence[str], beta_div: float = 0.0) -> dict[str, Tensor]:
+    """What every entropy-trained method minimises per task (SPEC §3, AdaMerging): ``entropies [K]``, each task's
+    mean prediction entropy, in ``tasks`` order; and with ``beta_div`` > 0 the diversity term, ``div`` =
+    Σ_k KL(p̄_k ‖ uniform) (`marginal_divergence`), to be added to the scalarised loss as ``penalty`` = β_div · div.
+    One implementation, so that the term means the same in AdaMerging, the paper's configuration and ours."""
+    parts = {"entropies": torch.stack([entropy(logits[t]) for t in tasks])}
+    if beta_div > 0:
+        parts["div"] = torch.stack([marginal_divergence(logits[t]) for t in tasks]).sum()
+        parts["penalty"] = beta_div * parts["div"]
+    return parts
+
+
+def check_beta_div(beta_div: float) -> float:
+    if isinstance(beta_div, bool) or not isinstance(beta_div, (int, float)) or not beta_div >= 0:
+        raise ValueError(f"beta_div must be a non-negative number, got {beta_div!r}")
+    return float(beta_div)

@@ -112,14 +112,14 @@ def test_the_adamerging_config_fits_and_summarises_one_model(fast_tiny, tmp_path
                      "--trainer.enable_progress_bar", "false", "--data.init_args.tasks", f"[{','.join(FAST_TASKS)}]",
                      "--data.init_args.recipe", recipe, "--data.init_args.test_images", "128",
                      "--data.init_args.val_images", "64", "--data.init_args.batch_size", "8",
-                     "--model.init_args.ties_top_k", "0.2", cwd=tmp_path)
+                     "--model.init_args.ties_top_k", "0.2", "--model.init_args.beta_div", "0.1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "AdaMerging: test accuracy (%) per task" in result.stdout
     mean_row = next(line for line in result.stdout.splitlines() if line.startswith("mean "))
     printed = float(mean_row.split()[-1])
     checkpoint = next(tmp_path.rglob("last.ckpt"))
     model = AdaMerging.load_from_checkpoint(checkpoint)
-    assert model.hparams.ties_top_k == 0.2 and model.lambdas.shape[1] == 3
+    assert model.hparams.ties_top_k == 0.2 and model.hparams.beta_div == 0.1 and model.lambdas.shape[1] == 3
     suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,
                       progress=False)
     accuracy = suite.evaluate(model.at())

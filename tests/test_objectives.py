@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from paretomerge.objectives import (
     cosine_alignment,
     entropy,
+    entropy_objective,
     frobenius_penalty,
     linear_scalarization,
+    marginal_divergence,
     smooth_tchebycheff,
 )
 
@@ -86,3 +88,37 @@ def test_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(lambda x: cosine_alignment(x, gamma), (f,))
     assert torch.autograd.gradcheck(lambda x: linear_scalarization(x, gamma), (f,))
     assert torch.autograd.gradcheck(lambda x: frobenius_penalty([x]), (core,))
+
+
+def test_marginal_divergence_is_finite_where_a_class_has_probability_zero():
+    logits = torch.tensor([[0.0, 1.0, -float("inf")], [2.0, 0.0, -float("inf")]], requires_grad=True)
+    div = marginal_divergence(logits)
+    p = torch.softmax(logits.detach(), -1).mean(0)[:2]
+    assert torch.isfinite(div) and float(div) == pytest.approx(float(math.log(3) + (p * p.log()).sum()), rel=1e-6)
+    div.backward()
+    assert torch.isfinite(logits.grad).all()
+    assert float(marginal_divergence(torch.tensor([[9.0, 0.0], [9.0, 0.0]]))) == pytest.approx(math.log(2), abs=2e-3)
+
+
+def test_the_entropy_objective_is_one_switch_with_the_same_meaning_everywhere():
+    from paretomerge import AdaMerging, ParetoMerging
+    from tests.synthetic import make_task_vectors
+
+    tv = make_task_vectors(num_tasks=3)
+    logits = {"task0": torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), "task1": torch.zeros(2, 4),
+              "task2": torch.tensor([[0.0, 0.0, 0.0, 0.0, 9.0], [0.0, 0.0, 0.0, 0.0, 9.0]])}
+    gamma = torch.tensor([0.5, 0.3, 0.2])
+    div = float(entropy_objective(logits, tv.task_names, 1.0)["div"])
+    assert div > 0.5 and "div" not in entropy_objective(logits, tv.task_names)
+    for module in (AdaMerging(task_vectors=tv), AdaMerging(task_vectors=tv, preference=[0.5, 0.3, 0.2]),
+                   AdaMerging(task_vectors=tv, granularity="task"), AdaMerging(task_vectors=tv, ties_top_k=0.2),
+                   ParetoMerging(task_vectors=tv, rank=4, beta_div=0),
+                   ParetoMerging(task_vectors=tv, rank=4, beta_div=0, preference_coefficients=False)):
+        without = float(module.objective(logits, gamma)["loss"])
+        module.hparams.beta_div = 0.4
+        parts = module.objective(logits, gamma)
+        assert float(parts["div"]) == pytest.approx(div, rel=1e-6)
+        assert float(parts["loss"]) == pytest.approx(without + 0.4 * div, rel=1e-6), type(module).__name__
+    assert AdaMerging(beta_div=0.2).hparams.beta_div == 0.2
+    with pytest.raises(ValueError, match="beta_div"):
+        AdaMerging(beta_div=-1.0)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from paretomerge.kernels import TaskVectors
 from paretomerge.modules.base import MergingModule
-from paretomerge.objectives import entropy, linear_scalarization
+from paretomerge.objectives import check_beta_div, entropy_objective, linear_scalarization
 from paretomerge.preferences import validate_preference
 
 GRANULARITIES = ("layer", "task")
@@ -28,6 +28,8 @@ class AdaMerging(MergingModule):
         seed: kept for the shared interface; AdaMerging draws nothing at random.
         ties_top_k: TIES-preprocess the task vectors keeping this fraction of each (AdaMerging++ uses 0.2).
         compile_forward: run the merged forward through ``torch.compile`` (True: inductor; or a backend's name).
+        beta_div: the diversity term of the shared entropy objective (`objectives.entropy_objective`), β_div ·
+            Σ_k KL(p̄_k ‖ uniform), as in `ParetoMerging`; 0 (the default) is AdaMerging as published.
 
     ``at()`` needs no preference: the model is the same for every γ (one given is validated, then ignored).
     """
@@ -45,9 +47,11 @@ class AdaMerging(MergingModule):
         seed: int = 0,
         ties_top_k: float | None = None,
         compile_forward: bool | str = False,
+        beta_div: float = 0.0,
     ) -> None:
         super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, seed=seed, ties_top_k=ties_top_k,
                          compile_forward=compile_forward)
+        check_beta_div(beta_div)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if isinstance(preference, Tensor):
@@ -77,10 +81,12 @@ class AdaMerging(MergingModule):
         return validate_preference(self.hparams.preference, num_tasks)
 
     def objective(self, logits: Mapping[str, Tensor], gamma: Tensor) -> dict[str, Tensor]:
-        """``Σ_k f_k``, or ``Σ_k γ_k f_k`` with a fixed preference."""
-        f = torch.stack([entropy(logits[t]) for t in self._tv().task_names])
+        """``Σ_k f_k``, or ``Σ_k γ_k f_k`` with a fixed preference; plus ``β_div · Σ_k KL(p̄_k ‖ uniform)`` where
+        ``beta_div`` > 0."""
+        parts = entropy_objective(logits, self._tv().task_names, self.hparams.beta_div)
+        f = parts["entropies"]
         weights = gamma if self.hparams.preference is not None else torch.ones_like(f)
-        return {"loss": linear_scalarization(f, weights.to(f)), "entropies": f}
+        return {"loss": linear_scalarization(f, weights.to(f)) + parts.pop("penalty", 0.0), **parts}
 
     def evaluation_preferences(self, num_tasks: int) -> Tensor:
         """One model, so one evaluation (logged as ``{stage}/acc/merged/...``)."""
