@@ -112,7 +112,8 @@ def test_non_finite_loss_stops_with_step_preference_and_task_and_saves_only_good
      ({"targets": "(unclosed"}, "regular expression"), ({"seed": -1}, "non-negative"),
      ({"beta_div": -0.1}, "beta_div"), ({"preference_floor": 1.0}, "preference_floor"),
      ({"preference_floor": "0.2"}, "preference_floor"),
-     ({"preference_coefficients": "yes"}, "preference_coefficients must be true or false")],
+     ({"preference_coefficients": "yes"}, "preference_coefficients must be true or false"),
+     ({"omega_init": "0.3"}, "omega_init"), ({"omega_init": float("nan")}, "omega_init")],
 )
 def test_bad_hyperparameters_are_refused(task_vectors, kwargs, message):
     with pytest.raises(ValueError, match=message):

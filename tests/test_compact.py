@@ -311,8 +311,8 @@ def legacy(path: Path, out: Path, drop: tuple[str, ...]) -> Path:
 
 @pytest.mark.parametrize("kind", ["full basis", "paper"])
 def test_checkpoints_and_exports_written_before_the_compact_set_still_load(tmp_path, kind):
-    options, drop = ({"basis_rank": None}, ("basis_rank",)) if kind == "full basis" else \
-        (PAPER, ("basis_rank", *PAPER))
+    options, drop = ({"basis_rank": None}, ("basis_rank", "omega_init")) if kind == "full basis" else \
+        (PAPER, ("basis_rank", "omega_init", "preference_coefficients", "beta_div"))
     suite = SyntheticSuite(num_tasks=3, batch_size=4, num_batches=2)
     model = ParetoMerging(rank=4, **options)
     trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0)

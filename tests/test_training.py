@@ -256,6 +256,23 @@ def test_the_paper_configuration_is_spec_section_3_objective_and_model(task_vect
     check_objective_by_hand(model)
 
 
+def test_ours_starts_at_task_arithmetic_plus_preference(task_vectors):
+    """ω starts at λ_init (``omega_init=None``) and G at 0, so before any step, with the full basis, ``at(γ)`` is
+    θ0 + 0.3·K·Σ_k γ_k τ_k for every γ: the free front a learned one has to beat is where training starts."""
+    from paretomerge import static_model
+
+    model = ParetoMerging(task_vectors=task_vectors, rank=4, basis_rank=None)
+    assert model.hparams.omega_init is None and torch.equal(model.omega, torch.full_like(model.lambdas, 0.3))
+    images = torch.randn(3, 3, 16, 16)
+    for gamma in ([1.0, 0.0, 0.0], [0.2, 0.3, 0.5], [1 / 3] * 3):
+        ours, free = model.at(gamma), static_model("task_arithmetic_preference", task_vectors, preference=gamma)
+        for task in task_vectors.task_names:
+            torch.testing.assert_close(ours(images, task=task), free(images, task=task))
+    assert not ParetoMerging(task_vectors=task_vectors, omega_init=0.0).omega.any()  # the first releases' start
+    assert torch.equal(ParetoMerging(task_vectors=task_vectors, lambda_init=0.2).omega,
+                       torch.full_like(model.lambdas, 0.2))
+
+
 def test_the_diversity_term_by_hand(task_vectors):
     model = ParetoMerging(task_vectors=task_vectors, rank=4, mu=0.3, beta_cos=0.7, beta_frob=2.0, beta_div=0.4)
     logits = {"task0": torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), "task1": torch.zeros(2, 4),
@@ -372,7 +389,7 @@ def test_a_checkpoint_from_before_preference_conditioned_coefficients_loads_as_t
     path = tmp_path / "old.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
-    for key in PAPER:  # what an earlier paretomerge wrote: no such hyperparameters
+    for key in ("preference_coefficients", "beta_div", "omega_init"):  # what an earlier paretomerge wrote: no such
         del checkpoint["hyper_parameters"][key]
     torch.save(checkpoint, path)
     loaded = ParetoMerging.load_from_checkpoint(path)
