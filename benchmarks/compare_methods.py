@@ -1,6 +1,6 @@
 """The comparison: every baseline and Pareto Merging on the TinySuite, in the shape of the papers' tables.
 
-    python benchmarks/compare_methods.py                 # default suite (8 tasks), 500 steps; ~30 min on 2 cores
+    python benchmarks/compare_methods.py                 # default suite (8 tasks), 500 steps; ~35 min on 2 cores
     python benchmarks/compare_methods.py --quick         # the fast 3-task suite, 10 steps: a smoke test (~1 min)
 
 Tables (printed as Markdown, and saved as CSV and Markdown under ``--out``):
@@ -9,11 +9,14 @@ Tables (printed as Markdown, and saved as CSV and Markdown under ``--out``):
   models) of individual, θ0, weight averaging, Task Arithmetic, TIES, DARE-TA, DARE-TIES, AdaMerging (task-wise,
   layer-wise), AdaMerging++, and Pareto Merging and Pareto Merging++ at the equal preference, each both ours (the
   default: preference-conditioned coefficients, diversity term) and the paper's configuration (SPEC §3 exactly).
+  Every AdaMerging row is there twice: as published, and with ours' diversity term (β_div 0.1), the like-for-like
+  comparison with ours.
 - **B** (MAP Table 4 shape): the preference-weighted sum Σ_k p_k acc_k over 20 seeded Dirichlet(1) preferences,
   mean ± std: Pareto Merging(++) ``at(p)``, Task Arithmetic + preference, AdaMerging + preference (one run per
-  preference, on the first ``--pref-runs`` of them) and the single-model methods.
-- **C**: on a 2-task and a 3-task subset, the hypervolume of Pareto Merging's front against Task Arithmetic +
-  preference and AdaMerging + preference on the same SPEC §4 preference set (11 and 36 points).
+  preference, on the first ``--pref-runs`` of them, with and without the diversity term) and the single-model methods.
+
+The fronts on small task sets (hypervolume against Task Arithmetic + preference and AdaMerging + preference, over
+seeds) are benchmarks/front_quality.py's.
 
 Every table has cost columns: optimisation runs, training steps, and wall seconds (merging or fitting only, not
 evaluation). Every method merges through ``kernels.merge`` (the static merges, ``at``) and trains through Lightning.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import logging
 import sys
 import time
@@ -39,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `callbacks` live
 from paretomerge import AdaMerging, ParetoMerging, static_model  # noqa: E402
 from paretomerge.front import evaluate_front  # noqa: E402
 from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION  # noqa: E402
-from paretomerge.pareto import hypervolume, non_dominated, preference_weighted_sum  # noqa: E402
-from paretomerge.preferences import dirichlet_set, front_preferences  # noqa: E402
+from paretomerge.pareto import preference_weighted_sum  # noqa: E402
+from paretomerge.preferences import dirichlet_set  # noqa: E402
 from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite  # noqa: E402
 
 STATIC = [  # (row label, registered name, options)
@@ -50,10 +54,15 @@ STATIC = [  # (row label, registered name, options)
     ("DARE-TA", "dare_task_arithmetic", {}),
     ("DARE-TIES", "dare_ties", {}),
 ]
+DIV = inspect.signature(ParetoMerging).parameters["beta_div"].default  # ours' diversity term
+ADAMERGING = [  # (row label, options): AdaMerging as published, then with ours' diversity term
+    (f"{label}{suffix}", {**options, **div})
+    for suffix, div in (("", {}), (f", β_div {DIV:g}", {"beta_div": DIV}))
+    for label, options in (("AdaMerging (task-wise)", {"granularity": "task"}), ("AdaMerging (layer-wise)", {}),
+                           ("AdaMerging++", {"ties_top_k": 0.2}))
+]
 LEARNED = [  # (row label, class, options)
-    ("AdaMerging (task-wise)", AdaMerging, {"granularity": "task"}),
-    ("AdaMerging (layer-wise)", AdaMerging, {}),
-    ("AdaMerging++", AdaMerging, {"ties_top_k": 0.2}),
+    *((label, AdaMerging, options) for label, options in ADAMERGING),
     ("Pareto Merging (ours)", ParetoMerging, {}),
     ("Pareto Merging++ (ours)", ParetoMerging, {"ties_top_k": 0.2}),
     ("Pareto Merging (paper)", ParetoMerging, PAPER_CONFIGURATION),
@@ -169,15 +178,16 @@ def table_b(runner: Runner, results: dict, out: Path, pref_runs: int, bar: tqdm)
     nets = [static_model("task_arithmetic_preference", runner.tv, preference=p) for p in prefs]
     seconds = time.perf_counter() - start
     row("Task Arithmetic + preference", np.stack([runner.accuracy(net) for net in nets]), "0", "0", seconds)
-    accs, seconds = [], 0.0
-    for p in prefs[:n]:
-        model, s = runner.fit(AdaMerging, preference=p.tolist())
-        accs.append(runner.accuracy(model.at()))
-        seconds += s
-        bar.update()
-    row(f"AdaMerging + preference ({n} runs)", np.stack(accs), str(n), str(n * runner.steps), seconds)
-    for label in ("weight averaging", "Task Arithmetic", "TIES", "DARE-TA", "DARE-TIES", "AdaMerging (task-wise)",
-                  "AdaMerging (layer-wise)", "AdaMerging++"):
+    for suffix, div in (("", {}), (f", β_div {DIV:g}", {"beta_div": DIV})):
+        accs, seconds = [], 0.0
+        for p in prefs[:n]:
+            model, s = runner.fit(AdaMerging, preference=p.tolist(), **div)
+            accs.append(runner.accuracy(model.at()))
+            seconds += s
+            bar.update()
+        row(f"AdaMerging + preference{suffix} ({n} runs)", np.stack(accs), str(n), str(n * runner.steps), seconds)
+    for label in ("weight averaging", "Task Arithmetic", "TIES", "DARE-TA", "DARE-TIES",
+                  *(label for label, _ in ADAMERGING)):
         result = results[label]
         learned = "model" in result
         row(label, np.tile(result["accuracy"], (len(prefs), 1)), "1" if learned else "0",
@@ -188,51 +198,15 @@ def table_b(runner: Runner, results: dict, out: Path, pref_runs: int, bar: tqdm)
     return save(out, "table_b", header, rows, title)
 
 
-def table_c(subsets: list[list[str]], suite_options: dict, steps: int, out: Path, bar: tqdm) -> str:
-    rows = []
-    for tasks in subsets:
-        runner = Runner(TinySuite(tasks=tasks, **suite_options), steps)
-        prefs = front_preferences(len(tasks))
-        fronts: list[tuple[str, np.ndarray, str, str, float]] = []
-        for label, options in PARETO:
-            model, seconds = runner.fit(ParetoMerging, **options)
-            fronts.append((label, evaluate_front(model, runner.suite, prefs, progress=False).numpy(), "1",
-                           str(steps), seconds))
-            bar.update()
-        start = time.perf_counter()
-        nets = [static_model("task_arithmetic_preference", runner.tv, preference=p) for p in prefs]
-        seconds = time.perf_counter() - start
-        fronts.append(("Task Arithmetic + preference", np.stack([runner.accuracy(net) for net in nets]), "0", "0",
-                       seconds))
-        accs, seconds = [], 0.0
-        for p in prefs:
-            model, s = runner.fit(AdaMerging, preference=p.tolist())
-            accs.append(runner.accuracy(model.at()))
-            seconds += s
-            bar.update()
-        fronts.append(("AdaMerging + preference", np.stack(accs), str(len(prefs)), str(len(prefs) * steps), seconds))
-        for label, acc, runs, steps_done, secs in fronts:
-            rows.append([" + ".join(tasks), label, str(len(prefs)), f"{hypervolume(acc):.4f}",
-                         f"{hypervolume(acc, runner.individual):.4f}", str(len(non_dominated(acc))),
-                         pct(acc.mean(1).max()), runs, steps_done, f"{secs:.1f}"])
-    header = ["tasks", "method", "preferences", "HV", "HV normalised", "non-dominated", "best mean acc.", "runs",
-              "steps", "wall s"]
-    title = ("Table C: front quality on task subsets, the same SPEC §4 preference set for every method (HV of test "
-             "accuracy, reference 0; normalised divides by the individual models)")
-    return save(out, "table_c", header, rows, title)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=500, help="training steps of every learned run (SPEC: 500)")
     parser.add_argument("--pref-runs", type=int, default=10,
                         help="AdaMerging + preference runs in table B (one per preference; at most 20)")
-    parser.add_argument("--subsets", nargs="*", default=["digit,position", "shape,digit,count"],
-                        help="comma-separated task subsets for table C")
     parser.add_argument("--out", default="benchmarks/results/compare", help="where the CSV and Markdown go")
     parser.add_argument("--cache-dir", default=None, help="the TinySuite cache root (default: the suite's)")
     parser.add_argument("--quick", action="store_true",
-                        help="the fast 3-task suite, 10 steps, 2 preference runs, subsets colour,stripes and all 3")
+                        help="the fast 3-task suite, 10 steps, 2 preference runs")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", module="lightning")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -243,21 +217,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         suite_options.update(recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8)
         tasks, args.steps, args.pref_runs = list(FAST_TASKS), 10, 2
-        args.subsets = ["colour,stripes", ",".join(FAST_TASKS)]
-    subsets = [s.split(",") for s in args.subsets]
     out = Path(args.out)
     runner = Runner(TinySuite(tasks=tasks, **suite_options), args.steps)
-    total = len(STATIC) + len(LEARNED) + len(PARETO) + args.pref_runs + sum(
-        len(PARETO) + len(front_preferences(len(s))) for s in subsets)
+    total = len(STATIC) + len(LEARNED) + len(PARETO) + 2 * args.pref_runs
     started = time.perf_counter()
     with tqdm(total=total, desc="methods", file=sys.stderr) as bar:
         text_a, results = table_a(runner, out, bar)
         text_b = table_b(runner, results, out, args.pref_runs, bar)
-        text_c = table_c(subsets, suite_options, args.steps, out, bar)
     command = "python benchmarks/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
     footer = (f"\nCommand: `{command.strip()}`; total wall time {time.perf_counter() - started:.0f} s; torch "
               f"{torch.__version__}, {torch.get_num_threads()} threads.\n")
-    (out / "compare.md").write_text("\n".join([text_a, text_b, text_c, footer]))
+    (out / "compare.md").write_text("\n".join([text_a, text_b, footer]))
     print(footer)
 
 

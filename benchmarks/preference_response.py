@@ -18,6 +18,7 @@ Every fit runs alone on the CPU (2 cores here): do not run another torch process
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from pathlib import Path
@@ -33,14 +34,22 @@ from paretomerge.preferences import equal_and_one_hots
 from paretomerge.suites import TinySuite
 
 PAPER = PAPER_CONFIGURATION  # SPEC §3 exactly (configs/pareto_merging_paper.yaml)
+DIV = inspect.signature(ParetoMerging).parameters["beta_div"].default  # ours' diversity term
+NO_TENSOR = {"targets": None}
+#: The ablation grid: coefficients (c(γ), SPEC §3b) × preference tensor Δ(γ) × diversity term, each on or off.
+#: "paper" is coefficients off, tensor on, diversity off; "ours" is the class defaults (all three on).
 VARIANTS = {  # name -> ParetoMerging options on top of the class defaults
+    "λ only": {**PAPER, **NO_TENSOR},
+    "λ only + div": {**PAPER, **NO_TENSOR, "beta_div": DIV},
     "paper": PAPER,
-    "paper+div": {**PAPER, "beta_div": 1.0},
-    "paper, β_frob 100": {**PAPER, "beta_frob": 100.0},
-    "coefficients only": {"preference_coefficients": True, "targets": None, "beta_div": 0.0},
-    "coefficients + tensor": {"preference_coefficients": True, "beta_div": 0.0},
-    "coefficients + tensor + div": {"preference_coefficients": True, "beta_div": 1.0},
-    "ours": {},  # the class defaults
+    "paper + div": {**PAPER, "beta_div": DIV},
+    "coefficients": {"beta_div": 0.0, **NO_TENSOR},
+    "coefficients + div": NO_TENSOR,
+    "coefficients + tensor": {"beta_div": 0.0},
+    "ours": {},  # coefficients + tensor + div: the class defaults
+    "ours, ω from 0": {"omega_init": 0.0},  # what starting c(γ) at Task Arithmetic + preference buys
+    "ours, α 1": {"alpha": 1.0},  # what Dir(0.5) training preferences buy
+    "ours before issue 26 (ω from 0, α 1)": {"omega_init": 0.0, "alpha": 1.0},
 }
 
 
@@ -116,6 +125,7 @@ def summarise(result: dict, zero_shot: np.ndarray) -> dict:
         "wins": int((rise > 0).sum()),
         "rise": 100 * rise.mean(),
         "d_entropy": float((np.array(result["own_entropy"]) - ent[0]).mean()),
+        "equal_vs_zs": 100 * float((acc[0] - zero_shot).min()),
         "worst_vs_zs": 100 * float((acc - zero_shot).min()),
         "collapse": result["collapse"],
         "per_task_rise": (100 * rise).round(1).tolist(),
@@ -138,8 +148,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="append every result as a JSON line to this file")
     args = parser.parse_args()
     extra = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
-    lines = ["| seed | variant | equal | one-hot wins | mean rise | own Δentropy (nats) | worst acc − ZS | collapse "
-             "| fit s | rise per task |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| seed | variant | equal | one-hot wins | mean rise | own Δentropy (nats) | equal − ZS, worst task "
+             "| worst acc − ZS | collapse | fit s | rise per task |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     unseen_rows: list[str] = []
     for seed in args.seeds:
         kwargs = {"seed": seed, "batch_size": args.batch_size, "cache_dir": args.cache_dir}
@@ -151,20 +161,26 @@ def main() -> None:
         suite.prepare_data()
         report = suite.build_report
         zero_shot = np.array([report["tasks"][t]["zero_shot_accuracy"] for t in suite.tasks])
-        if not args.no_ada:
-            ada = AdaMerging(seed=seed)
+        for beta_div in () if args.no_ada else (0.0, DIV):  # as published, and with ours' diversity term
+            ada = AdaMerging(seed=seed, beta_div=beta_div)
             seconds = fit(ada, suite, args.steps)
-            accuracy = suite.evaluate(ada.at())
-            lines.append(f"| {seed} | AdaMerging (layer-wise) | {100 * np.mean(list(accuracy.values())):.1f} | | | "
-                         f"| | | {seconds:.0f} | |")
+            accuracy = np.array([suite.evaluate(ada.at())[t] for t in suite.tasks])
+            lines.append(f"| {seed} | AdaMerging (layer-wise, β_div {beta_div:g}) | {100 * accuracy.mean():.1f} "
+                         f"| | | | {100 * (accuracy - zero_shot).min():+.1f} | | | {seconds:.0f} | |")
             print(lines[-1], flush=True)
+            if args.out:
+                with Path(args.out).open("a") as handle:
+                    handle.write(json.dumps({"seed": seed, "tasks": list(suite.tasks), "variant": "AdaMerging",
+                                             "beta_div": beta_div, "steps": args.steps, "acc": accuracy.tolist(),
+                                             "equal": 100 * accuracy.mean()}) + "\n")
         for name in args.variants:
             options = {**VARIANTS[name], **extra, "seed": seed}
             result = run(suite, options, args.steps)
             s = summarise(result, zero_shot)
             label = name + (f" ({', '.join(args.set)})" if args.set else "")
             lines.append(f"| {seed} | {label} | {s['equal']:.1f} | {s['wins']}/{len(suite.tasks)} | {s['rise']:+.1f} | "
-                         f"{s['d_entropy']:+.3f} | {s['worst_vs_zs']:+.1f} | {s['collapse']:.2f} | "
+                         f"{s['d_entropy']:+.3f} | {s['equal_vs_zs']:+.1f} | {s['worst_vs_zs']:+.1f} | "
+                         f"{s['collapse']:.2f} | "
                          f"{result['seconds']:.0f} | {' '.join(f'{x:+.1f}' for x in s['per_task_rise'])} |")
             print(lines[-1], flush=True)
             for task, values in result["unseen"].items():
