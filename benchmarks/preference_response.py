@@ -1,16 +1,21 @@
-"""Does a preference move its task? Pareto Merging variants fitted on a TinySuite, evaluated at the equal preference
-and at every one-hot (test split), beside layer-wise AdaMerging with the same steps.
+"""What each part of Pareto Merging buys, and does a preference move its task? The ablation grid (coefficients c(γ),
+preference tensor Δ(γ), diversity term, each on or off; "paper" is SPEC §3 exactly, "ours" the class defaults, plus
+ours without each issue-26 change) fitted on a TinySuite, evaluated at the equal preference and at every one-hot
+(test split), beside layer-wise AdaMerging with the same steps, as published (β_div 0) and with ours' diversity term
+(the like-for-like comparison).
 
 For each variant and seed it prints: the mean accuracy at the equal preference; for how many tasks at(e_k) raises task
 k over the equal preference, and the mean rise; how task k's own prediction entropy and accuracy move from the equal
-preference to e_k (does lowering entropy track raising accuracy in the space the preference moves?); the worst
-accuracy minus zero-shot accuracy over all evaluated preferences; and the worst collapse (the share of the most
-predicted class over the true majority-class share, at any evaluated preference and task).
+preference to e_k (does lowering entropy track raising accuracy in the space the preference moves?); the worst task's
+accuracy minus its zero-shot accuracy at the equal preference, and over all evaluated preferences; and the worst
+collapse (the share of the most predicted class over the true majority-class share, at any evaluated preference and
+task).
 
     python benchmarks/preference_response.py                                   # default suite, seed 0, every variant
-    python benchmarks/preference_response.py --seeds 0 1 2 --variants ours paper
+    python benchmarks/preference_response.py --seeds 0 1 2                     # the table in benchmarks/README.md
     python benchmarks/preference_response.py --tasks shape digit --variants ours paper
     python benchmarks/preference_response.py --variants ours --set mu=0.05 rank=4   # a knob on top
+    python benchmarks/preference_response.py --variants --ada-beta-div 0.8     # AdaMerging alone, another β_div
 
 Every fit runs alone on the CPU (2 cores here): do not run another torch process beside it.
 """
@@ -138,12 +143,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--tasks", nargs="*", default=None, help="TinySuite tasks (default: all eight)")
     parser.add_argument("--recipe", default=None, help="JSON overrides of the suite's Recipe")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="ParetoMerging options applied on top of every variant (values parsed as JSON)")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-ada", action="store_true", help="skip the AdaMerging reference")
+    parser.add_argument("--ada-beta-div", type=float, nargs="+", default=[0.0, DIV],
+                        help="the AdaMerging reference's diversity terms (default: none, as published, and ours')")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default=None, help="append every result as a JSON line to this file")
     args = parser.parse_args()
@@ -161,7 +168,7 @@ def main() -> None:
         suite.prepare_data()
         report = suite.build_report
         zero_shot = np.array([report["tasks"][t]["zero_shot_accuracy"] for t in suite.tasks])
-        for beta_div in () if args.no_ada else (0.0, DIV):  # as published, and with ours' diversity term
+        for beta_div in () if args.no_ada else args.ada_beta_div:
             ada = AdaMerging(seed=seed, beta_div=beta_div)
             seconds = fit(ada, suite, args.steps)
             accuracy = np.array([suite.evaluate(ada.at())[t] for t in suite.tasks])
