@@ -85,7 +85,7 @@ def test_ddp_fit_pareto_merging(pareto_fit, cache):
     # γ per rank from (seed, step, rank): more preferences per step, the same expected objective
     for rank, record in enumerate(ranks):
         for step, gamma in enumerate(record["gammas"]):
-            assert gamma == pytest.approx(sample_dirichlet(3, 1.0, 0, step, rank).tolist())
+            assert gamma == pytest.approx(sample_dirichlet(3, model.hparams.alpha, 0, step, rank).tolist())
     assert all(g0 != g1 for g0, g1 in zip(ranks[0]["gammas"], ranks[1]["gammas"], strict=True))
     # rank 1's SVD gives other factors (ddp_fit.py): every rank trained with rank 0's, which the checkpoint holds
     stored = model.preference_basis()

@@ -106,7 +106,8 @@ def test_delta_equals_tensorly_one_call_mode_products_in_values_and_gradients():
 
 
 def trained_model() -> ParetoMerging:
-    model = ParetoMerging(task_vectors=make_task_vectors(num_tasks=3, seed=6), rank=3, seed=1)
+    # ω = 0: c(γ) = λ, so θ(γ) is the base plus Δ(γ), which these tests compare against `merge` directly
+    model = ParetoMerging(task_vectors=make_task_vectors(num_tasks=3, seed=6), rank=3, seed=1, omega_init=0.0)
     with torch.no_grad():
         model.lambdas.uniform_(0, 1, generator=torch.Generator().manual_seed(0))
         for g in model.preference_tensor.G:

@@ -81,7 +81,7 @@ def test_bf16_task_vectors_merge_close_to_fp32():
 def test_at_with_zero_core_is_layerwise_task_arithmetic_for_any_preference():
     pretrained, finetuned, heads, names = build_problem(num_tasks=3, seed=5)
     tv = TaskVectors.from_state_dicts(pretrained, finetuned, names, heads)
-    model = ParetoMerging(task_vectors=tv, rank=4)
+    model = ParetoMerging(task_vectors=tv, rank=4, omega_init=0.0)  # ω = 0 and G = 0: no preference dependence
     # An independent merge, from the raw state dicts.
     reference = vit_spec().build()
     theta0 = pretrained.state_dict()

@@ -81,14 +81,14 @@ def test_lambda_is_clamped_after_every_step(tmp_path, suite):
 
 
 def test_validation_logs_accuracy_at_equal_and_one_hot_preferences(tmp_path, suite):
-    model = ParetoMerging(rank=4)
+    model = ParetoMerging(rank=4, omega_init=0.0)
     trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=3)
     metrics = trainer.validate(model, datamodule=suite, verbose=False)[0]
     labels = ["equal", "onehot_task0", "onehot_task1", "onehot_task2"]
     for label in labels:
         for task in ("task0", "task1", "task2", "mean"):
             assert 0.0 <= metrics[f"val/acc/{label}/{task}"] <= 1.0
-    # G = 0 at init, so every preference gives layer-wise Task Arithmetic: the same accuracies.
+    # G = 0 at init and ω = 0 here, so every preference gives layer-wise Task Arithmetic: the same accuracies.
     assert metrics["val/acc/equal/mean"] == metrics["val/acc/onehot_task1/mean"]
     # Individual models label the data, so the merge is imperfect but not useless.
     assert 0.0 < metrics["val/acc/equal/mean"] < 1.0
