@@ -23,17 +23,20 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import time
+import sys
 from pathlib import Path
 
-import lightning as L
 import torch
 
-from paretomerge import AdaMerging, ParetoMerging
-from paretomerge.front import evaluate_front, static_front, summary_preferences
-from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION
-from paretomerge.pareto import hypervolume
-from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script's fit
+
+from preference_response import fit  # noqa: E402
+
+from paretomerge import AdaMerging, ParetoMerging  # noqa: E402
+from paretomerge.front import evaluate_front, static_front, summary_preferences  # noqa: E402
+from paretomerge.modules.pareto_merging import PAPER_CONFIGURATION  # noqa: E402
+from paretomerge.pareto import hypervolume  # noqa: E402
+from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite  # noqa: E402
 
 CASES = {
     "digit+position": ["digit", "position"],
@@ -45,14 +48,6 @@ CASES = {
 QUICK_CASES = {"+".join(FAST_TASKS): list(FAST_TASKS)}  # the fast suite itself: a subset would build its own
 QUICK_SUITE = {"recipe": FAST_RECIPE, "test_images": 128, "val_images": 64}
 OURS_BETA_DIV = inspect.signature(ParetoMerging).parameters["beta_div"].default
-
-
-def fit(model: L.LightningModule, suite: TinySuite, steps: int) -> float:
-    start = time.perf_counter()
-    L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-              num_sanity_val_steps=0).fit(model, datamodule=suite)
-    return time.perf_counter() - start
 
 
 def adamerging_front(suite: TinySuite, preferences: torch.Tensor, seed: int, steps: int,

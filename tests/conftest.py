@@ -45,3 +45,15 @@ def fast_tiny(tmp_path_factory):
                       progress=False, cache_dir=str(tmp_path_factory.mktemp("cache")))
     suite.task_vectors()
     return suite
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
