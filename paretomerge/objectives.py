@@ -65,6 +65,6 @@ def entropy_objective(logits: Mapping[str, Tensor], tasks: Sequence[str], beta_d
 
 
 def check_beta_div(beta_div: float) -> float:
-    if isinstance(beta_div, bool) or not isinstance(beta_div, (int, float)) or not beta_div >= 0:
-        raise ValueError(f"beta_div must be a non-negative number, got {beta_div!r}")
+    if isinstance(beta_div, bool) or not isinstance(beta_div, (int, float)) or not 0 <= beta_div < math.inf:
+        raise ValueError(f"beta_div must be a finite non-negative number, got {beta_div!r}")
     return float(beta_div)

@@ -70,9 +70,9 @@ class ParetoMerging(MergingModule):
             at the equal preference, and a one-hot e_k moves task k's coefficients by (K−1)·ω[:, k]. The preference
             then acts inside the span of the task vectors, where lowering a task's entropy tracks raising its
             accuracy. On the TinySuite the paper's preference tensor alone barely moves its task (own-task entropy by
-            ≤ 0.02 nats at the one-hots); with c(γ) the one-hots lower it by 0.07–0.17 nats and raise 7–8 of 8 tasks
-            by +5.6 to +8.0
-            points on average (benchmarks/README.md, "preference_response.py"). Costs L·K parameters, and a `.ckpt`
+            ≤ 0.02 nats at the one-hots); with c(γ) (today's defaults, seeds 0-2) the one-hots lower it by 0.09–0.12
+            nats on average and raise 7–8 of 8 tasks by +5.4 to +7.5 points on average (benchmarks/README.md,
+            "preference_response.py"). Costs L·K parameters, and a `.ckpt`
             or export then also stores the preference basis τ̃ that c(γ) − λ multiplies (``basis_rank``).
         basis_rank: ours. The preference basis: θ(γ) = θ0 + Σ_k λ_k τ_k + Σ_k (c_k(γ) − λ_k) τ̃_k + Δ(γ), where τ̃_k is
             each ≥2-D task vector's truncated SVD, stored as int8 factors (`kernels.PreferenceBasis`), so the stored
