@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"
-LOGGER_ENTRY = "    - class_path: callbacks.front_logger.ParetoFrontLogger"
+LOGGER_ENTRY = "    - class_path: paretomerge.callbacks.ParetoFrontLogger"
 
 
 def config_without_logger(directory: Path) -> Path:

@@ -1,1 +1,12 @@
-"""Lightning callbacks for paretomerge (front logging, the MAP baseline). They import paretomerge, never the reverse."""
+"""Lightning callbacks for paretomerge: the learned front in TensorBoard, the MAP baseline, the end-of-fit summary.
+
+The repository keeps them in the top-level ``callbacks/`` folder; they install as ``paretomerge.callbacks``
+(setup.cfg's ``package_dir``), so site-packages gets no generic ``callbacks``. They import the library, never the
+reverse. Configs name them ``paretomerge.callbacks.ParetoFrontLogger``, ``...MAPBaseline``, ``...FitSummary``.
+"""
+
+from paretomerge.callbacks.fit_summary import FitSummary
+from paretomerge.callbacks.front_logger import ParetoFrontLogger
+from paretomerge.callbacks.map_baseline import MAPBaseline
+
+__all__ = ["FitSummary", "MAPBaseline", "ParetoFrontLogger"]

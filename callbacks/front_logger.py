@@ -151,7 +151,7 @@ class ParetoFrontLogger(L.Callback):
 
     @staticmethod
     def _map_overlays(trainer: L.Trainer) -> list[Overlay]:
-        from callbacks.map_baseline import MAPBaseline
+        from paretomerge.callbacks.map_baseline import MAPBaseline
 
         overlays = []
         for callback in trainer.callbacks:

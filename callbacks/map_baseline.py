@@ -18,7 +18,7 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from callbacks.fit_summary import run_directory
+from paretomerge.callbacks.fit_summary import run_directory
 from paretomerge.front import evaluate_front
 from paretomerge.map.bayesian import bayesian_map
 from paretomerge.map.evaluate import MergeEvaluator

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,32 @@ class ParetoMergeCLI(LightningCLI):
                 sys.exit(f"paretomerge {subcommand}: --ckpt_path {err}")
 
 
+_OLD_CALLBACK_PATH = re.compile(r"(?<![\w.])callbacks\.(front_logger|fit_summary|map_baseline)\.(\w+)")
+
+
+def _refuse_old_callback_paths(argv: list[str]) -> None:
+    """Configs written before the callbacks moved into the package name ``callbacks.front_logger.ParetoFrontLogger``;
+    say what to write instead of letting jsonargparse report an import path that does not exist."""
+    texts = [a for a in argv if not a.startswith("--config")]
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1] if arg == "--config" \
+            and i + 1 < len(argv) else None
+        if path and Path(path).is_file():
+            texts.append(Path(path).read_text(errors="replace"))
+    for text in texts:
+        found = _OLD_CALLBACK_PATH.search(text)
+        if found:
+            sys.exit(f"paretomerge: {found.group(0)!r} is the callbacks' old path; they install inside the package "
+                     f"now: write 'paretomerge.callbacks.{found.group(2)}'")
+
+
 def main(args: Any = None) -> None:
     argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
     if argv and argv[0] in _SUBCOMMANDS:
         _SUBCOMMANDS[argv[0]](argv[1:])
         return
+    if argv:
+        _refuse_old_callback_paths(argv)
     ParetoMergeCLI(
         MergingModule,
         LightningDataModule,
@@ -70,7 +92,7 @@ def _import_class(path: str, base: type, what: str) -> type:
     """The class at ``path`` (``module.Name``), refused unless it subclasses ``base``. Only paretomerge's own modules
     and modules already imported are imported: a checkpoint does not get to run a package's import-time code."""
     module_name, _, name = str(path).rpartition(".")
-    if not (module_name in sys.modules or module_name.split(".")[0] in ("paretomerge", "callbacks")):
+    if not (module_name in sys.modules or module_name.split(".")[0] == "paretomerge"):
         raise ValueError(f"the checkpoint names {what} class {path!r} from {module_name!r}, which is not imported; "
                          "paretomerge front rebuilds only paretomerge's own suites (use the Python API for others)")
     try:

@@ -1,4 +1,4 @@
-"""Figures and tables of accuracy fronts: what `callbacks.ParetoFrontLogger` sends to TensorBoard and what
+"""Figures and tables of accuracy fronts: what `paretomerge.callbacks.ParetoFrontLogger` sends to TensorBoard and what
 ``paretomerge front`` writes as PNG and CSV.
 
 Figures are built on `matplotlib.figure.Figure` with the Agg canvas (no pyplot state, no display needed):

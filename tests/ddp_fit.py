@@ -22,10 +22,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from callbacks.fit_summary import FitSummary
-from callbacks.front_logger import ParetoFrontLogger
-from callbacks.map_baseline import MAPBaseline
 from paretomerge import AdaMerging, ParetoMerging
+from paretomerge.callbacks import FitSummary, MAPBaseline, ParetoFrontLogger
 from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
 
 

@@ -24,8 +24,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
-from callbacks.front_logger import ParetoFrontLogger
 from paretomerge import ParetoMerging
+from paretomerge.callbacks import ParetoFrontLogger
 from paretomerge.modules.checkpoint import AtomicCheckpointIO
 from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
 

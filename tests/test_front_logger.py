@@ -22,9 +22,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from callbacks.front_logger import ParetoFrontLogger
-from callbacks.map_baseline import MAPBaseline
 from paretomerge import ParetoMerging
+from paretomerge.callbacks import MAPBaseline, ParetoFrontLogger
 from paretomerge.front import individual_accuracy, summary_preferences
 from paretomerge.pareto import front_spread, hypervolume
 from paretomerge.plotting import Overlay, front_figures, front_table, save_figure

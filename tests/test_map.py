@@ -218,8 +218,8 @@ def test_front_indicators_by_hand():
 
 
 def test_the_map_callback_logs_its_front_beside_pareto_merging(fast_tiny, tmp_path):
-    from callbacks.map_baseline import MAPBaseline
     from paretomerge import ParetoMerging
+    from paretomerge.callbacks import MAPBaseline
     from tests.conftest import make_trainer
 
     callback = MAPBaseline(budget=16, real_samples=4, generations=30)
@@ -254,8 +254,8 @@ def test_task_vector_subsets_keep_the_chosen_tasks():
 @pytest.mark.parametrize("variant, options", [("bayesian", {"initial": 12, "per_round": 3, "rounds": 1}),
                                               ("nested", {"nested_preferences": 2, "points_per_pair": 8})])
 def test_the_map_callback_runs_every_variant(fast_tiny, tmp_path, variant, options):
-    from callbacks.map_baseline import MAPBaseline
     from paretomerge import ParetoMerging
+    from paretomerge.callbacks import MAPBaseline
     from tests.conftest import make_trainer
 
     callback = MAPBaseline(variant=variant, real_samples=3, generations=20, **options)
@@ -271,7 +271,7 @@ def test_the_map_callback_runs_every_variant(fast_tiny, tmp_path, variant, optio
 
 
 def test_bad_map_callback_settings_are_refused():
-    from callbacks.map_baseline import MAPBaseline
+    from paretomerge.callbacks import MAPBaseline
 
     with pytest.raises(ValueError, match="variant must be one of"):
         MAPBaseline(variant="grid")
@@ -288,8 +288,8 @@ def test_nested_map_merges_groups_the_preference_ignores():
 
 
 def test_the_map_callback_can_run_every_n_validations(fast_tiny, tmp_path):
-    from callbacks.map_baseline import MAPBaseline
     from paretomerge import ParetoMerging
+    from paretomerge.callbacks import MAPBaseline
     from tests.conftest import make_trainer
 
     callback = MAPBaseline(budget=12, real_samples=2, generations=10, every_n_validations=2)
@@ -300,7 +300,7 @@ def test_the_map_callback_can_run_every_n_validations(fast_tiny, tmp_path):
 
 
 def test_bad_bayesian_and_callback_settings_name_the_problem():
-    from callbacks.map_baseline import MAPBaseline
+    from paretomerge.callbacks import MAPBaseline
     from paretomerge.map.bayesian import angular_bins, bayesian_map
 
     evaluator = synthetic_evaluator(2)

@@ -17,8 +17,6 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.front_logger import ParetoFrontLogger
-from callbacks.map_baseline import MAPBaseline
 from paretomerge import (
     AdaMerging,
     CheckpointError,
@@ -29,6 +27,7 @@ from paretomerge import (
     load_pareto_set,
     static_model,
 )
+from paretomerge.callbacks import MAPBaseline, ParetoFrontLogger
 from paretomerge.kernels import DEFAULT_TARGETS
 from paretomerge.modules import checkpoint as ckpt
 from paretomerge.suites import TensorSuite

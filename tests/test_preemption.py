@@ -108,8 +108,8 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_pat
 def test_a_resumed_fit_runs_map_at_the_same_validations(tmp_path):
     import lightning as L
 
-    from callbacks.map_baseline import MAPBaseline
     from paretomerge import ParetoMerging, TaskVectors
+    from paretomerge.callbacks import MAPBaseline
     from tests.own_models import heads_for, problem
     from tests.test_own_models import suite_for
 
