@@ -1,4 +1,5 @@
-"""Lightning callbacks for paretomerge: the learned front in TensorBoard, the MAP baseline, the end-of-fit summary.
+"""Lightning callbacks for paretomerge: the learned front in TensorBoard, the MAP baseline, the end-of-fit summary,
+and progress as lines for a log.
 
 The repository keeps them in the top-level ``callbacks/`` folder; they install as ``paretomerge.callbacks``
 (setup.cfg's ``package_dir``), so site-packages gets no generic ``callbacks``. They import the library, never the
@@ -8,5 +9,6 @@ reverse. Configs name them ``paretomerge.callbacks.ParetoFrontLogger``, ``...MAP
 from paretomerge.callbacks.fit_summary import FitSummary
 from paretomerge.callbacks.front_logger import ParetoFrontLogger
 from paretomerge.callbacks.map_baseline import MAPBaseline
+from paretomerge.callbacks.progress_bar import LogProgressBar
 
-__all__ = ["FitSummary", "MAPBaseline", "ParetoFrontLogger"]
+__all__ = ["FitSummary", "LogProgressBar", "MAPBaseline", "ParetoFrontLogger"]

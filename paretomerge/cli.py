@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from paretomerge.callbacks import LogProgressBar
 from paretomerge.front import evaluate_front, module_preferences, static_point
 from paretomerge.modules import AdaMerging, CheckpointError, MergingModule, ParetoMerging
 from paretomerge.modules.checkpoint import MissingModulesError, inspect_checkpoint
@@ -26,6 +28,7 @@ from paretomerge.modules.export import export_pareto_set
 from paretomerge.pareto import hypervolume, non_dominated
 from paretomerge.plotting import Overlay, front_figures, front_table, save_figure, write_front_csv
 from paretomerge.preferences import validate_preference
+from paretomerge.progress import interactive
 
 _SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry"}
 
@@ -34,6 +37,13 @@ class ParetoMergeCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {name: keys for name, keys in LightningCLI.subcommands().items() if name in {"fit", "validate", "test"}}
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if not interactive():  # a log, not a terminal: lines every few seconds instead of a bar redrawn every step
+            defaults = (TQDMProgressBar, RichProgressBar)  # Lightning's default bars; a bar a config names stays
+            trainer.callbacks[:] = [LogProgressBar() if type(c) in defaults else c for c in trainer.callbacks]
+        return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -183,11 +193,17 @@ def front_command(argv: list[str]) -> None:
     except (CheckpointError, FileNotFoundError, ValueError, TypeError, KeyError) as err:
         sys.exit(f"paretomerge front: {err}")
     accuracy = evaluate_front(model, suite, preferences, progress=not args.no_progress, split=args.split).numpy()
-    overlays = [] if args.no_baselines else \
-        [Overlay("Task Arithmetic", static_point("task_arithmetic", suite.task_vectors(), suite, args.split))]
+    overlays, references = [], {}
+    if not args.no_baselines:
+        from paretomerge.front import individual_accuracy, zero_shot_accuracy
+
+        tv = suite.task_vectors()
+        overlays.append(Overlay("Task Arithmetic", static_point("task_arithmetic", tv, suite, args.split)))
+        references = {"zero-shot": zero_shot_accuracy(tv, suite, args.split),
+                      "individual": individual_accuracy(tv, suite, args.split)}
     prefs = preferences.numpy()
     title = f"{module_cls.__name__}, {Path(args.ckpt).name} (step {checkpoint.get('global_step')}), {args.split} split"
-    figures = front_figures(accuracy, prefs, tasks, overlays, title=title)
+    figures = front_figures(accuracy, prefs, tasks, overlays, title=title, references=references)
     written = [save_figure(figures["front"], out)]
     if "parallel_coordinates" in figures:
         written.append(save_figure(figures["parallel_coordinates"], out.with_name(out.stem + "_parallel.png")))
@@ -195,9 +211,8 @@ def front_command(argv: list[str]) -> None:
     print(front_table(accuracy, prefs, tasks))
     print(f"\nhypervolume {hypervolume(accuracy):.4f}; {len(non_dominated(accuracy))} of {len(prefs)} points "
           f"non-dominated (*)")
-    for overlay in overlays:
-        print(f"{overlay.label}: " + ", ".join(f"{t} {100 * v:.1f}" for t, v in zip(tasks, overlay.points[0],
-                                                                                   strict=True)))
+    for label, points in [(o.label, o.points[0]) for o in overlays] + list(references.items()):
+        print(f"{label}: " + ", ".join(f"{t} {100 * v:.1f}" for t, v in zip(tasks, points, strict=True)))
     print("wrote " + ", ".join(str(p) for p in written))
 
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from paretomerge.kernels import TaskVectors, materialize
 from paretomerge.preferences import equal_and_one_hots, front_preferences
+from paretomerge.progress import progress_bar
 from paretomerge.static import static_model, task_wise
 
 
@@ -39,7 +39,7 @@ def evaluate_front(module: Any, datamodule: Any, preferences: torch.Tensor, prog
                    split: str = "test") -> torch.Tensor:
     """``Acc [P, K]``: ``datamodule.evaluate(module.at(p), split)`` for each preference row, in task order."""
     rows = []
-    for p in tqdm(preferences, desc=f"evaluating the front on the {split} split", disable=not progress, leave=False):
+    for p in progress_bar(preferences, desc=f"evaluating the front on the {split} split", enabled=progress):
         accuracy = datamodule.evaluate(module.at(p), split=split)
         rows.append([accuracy[t] for t in module.task_vectors.task_names])
     return torch.tensor(rows, dtype=torch.float64)
@@ -62,6 +62,13 @@ def individual_accuracy(task_vectors: TaskVectors, datamodule: Any, split: str =
         net = materialize(task_vectors, task_wise(task_vectors, torch.eye(task_vectors.num_tasks)[k]))
         values.append(datamodule.evaluate(net, split=split, tasks=[task])[task])
     return np.asarray(values)
+
+
+def zero_shot_accuracy(task_vectors: TaskVectors, datamodule: Any, split: str = "test") -> np.ndarray:
+    """``[K]``: the pre-trained model θ0 with each task's head (no task vector added) on every task."""
+    net = materialize(task_vectors, task_wise(task_vectors, torch.zeros(task_vectors.num_tasks)))
+    accuracy = datamodule.evaluate(net, split=split)
+    return np.asarray([accuracy[t] for t in task_vectors.task_names])
 
 
 def static_point(name: str, task_vectors: TaskVectors, datamodule: Any, split: str = "test") -> np.ndarray:

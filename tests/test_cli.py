@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from paretomerge import ParetoMerging
+from paretomerge.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "tests" / "configs" / "synthetic.yaml"
@@ -25,10 +26,11 @@ def run_cli(*args, cwd):
     return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_help_lists_the_subcommands(tmp_path):
-    result = run_cli("--help", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "{fit,validate,test}" in result.stdout
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--help"])
+    assert exit_.value.code == 0
+    assert "{fit,validate,test}" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -48,13 +50,24 @@ def test_fit_with_the_test_config_writes_a_loadable_checkpoint_and_tensorboard_l
     assert "val/acc/equal/mean" in result.stdout
 
 
-def test_fit_refuses_a_truncated_checkpoint_to_resume_from(tmp_path):
+def test_fit_refuses_a_truncated_checkpoint_to_resume_from(tmp_path, monkeypatch):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
-    result = run_cli("fit", "--config", str(CONFIG), "--ckpt_path", str(bad), cwd=tmp_path)
-    assert result.returncode != 0
-    assert "not a readable checkpoint" in result.stderr
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--config", str(CONFIG), "--ckpt_path", str(bad)])
+    assert "not a readable checkpoint" in str(exit_.value.code)
     assert [p.name for p in tmp_path.rglob("*.ckpt")] == ["bad.ckpt"]
+
+
+def test_configs_naming_the_callbacks_old_path_are_refused_with_the_new_one(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.front_logger.ParetoFrontLogger\n")
+    for argv in (["--config", str(CONFIG), "--config", str(old)], [f"--config={CONFIG}", f"--config={old}"],
+                 ["--config", str(CONFIG), "--trainer.callbacks+=callbacks.fit_summary.FitSummary"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["fit", *argv])
+        assert "write 'paretomerge.callbacks." in str(exit_.value.code), argv
 
 
 FAST_CONFIG = ROOT / "tests" / "configs" / "tiny_fast.yaml"

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from paretomerge.progress import progress_bar
 
 
 def check_rank(rank: Any) -> int | float | None:
@@ -137,8 +138,8 @@ class PreferenceBasis:
         dense, factors = {}, {}
         work = [n for n in tau if layer_rank(shapes[n], rank) != 0]
         large = sum(tau[n].numel() for n in work) > 2**24  # a bar only where it takes a while (CLIP on a CPU)
-        for name in tqdm(work, desc=f"preference basis: truncated SVD of each task vector (rank {rank})",
-                         disable=None if large else True, leave=False):
+        for name in progress_bar(work, desc=f"preference basis: truncated SVD of each task vector (rank {rank})",
+                                 large=large):
             r = layer_rank(shapes[name], rank)
             if r is None:
                 dense[name] = tau[name]

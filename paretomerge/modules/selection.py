@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from paretomerge.kernels import MergedModel, forward_features, run_head
 from paretomerge.modules.base import MergingModule
 from paretomerge.objectives import entropy
 from paretomerge.preferences import dirichlet_set
+from paretomerge.progress import progress_bar
 
 
 @dataclass
@@ -47,7 +47,7 @@ def select_for_unseen_task(module: MergingModule, images: Tensor, head: nn.Modul
     head = copy.deepcopy(head).eval().requires_grad_(False).to(module.device)
     preferences = dirichlet_set(tv.num_tasks, num_preferences, seed, alpha)
     entropies = []
-    for gamma in tqdm(preferences, desc=f"scoring preferences on {task!r}", disable=not progress, leave=False):
+    for gamma in progress_bar(preferences, desc=f"scoring preferences on {task!r}", enabled=progress):
         params = module.merged_parameters(gamma.to(module.device))
         total = 0.0
         for chunk in images.split(batch_size):

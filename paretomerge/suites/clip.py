@@ -30,9 +30,9 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
-from tqdm.auto import tqdm
 
 from paretomerge.kernels import ModuleSpec, TaskVectors
+from paretomerge.progress import progress_bar
 from paretomerge.suites import cache
 from paretomerge.suites.clip_data import TASKS, LabeledSplit, open_task
 from paretomerge.suites.importers import PickledCheckpointError, read_visual_state_dict
@@ -93,7 +93,7 @@ def load_task_vectors(visual: nn.Module, paths: Mapping[str, str | os.PathLike],
     (``paths``, in task order), streamed: one checkpoint is in memory at a time, so the peak is θ0, the K stacks and one
     checkpoint (``benchmarks/bench_load_memory.py`` measures it)."""
     theta0 = visual.state_dict()
-    bar = tqdm(total=len(paths), desc="loading fine-tuned checkpoints", disable=not progress, leave=False)
+    bar = progress_bar(total=len(paths), desc="loading fine-tuned checkpoints", enabled=progress)
     current: list[str] = []
 
     def reader(task: str) -> Callable[[], dict[str, Tensor]]:
@@ -367,8 +367,7 @@ class CLIPSuite(LightningDataModule):
             decoded = {}
             for task in self.tasks:
                 loader = self._loader(self._split(task, split).dataset, batch_size=self.hparams.eval_batch_size)
-                batches = list(tqdm(loader, desc=f"decoding {task} ({split})", disable=not self._progress,
-                                    leave=False))
+                batches = list(progress_bar(loader, desc=f"decoding {task} ({split})", enabled=self._progress))
                 decoded[task] = (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
             self._decoded[split] = decoded
         return self._decoded[split]

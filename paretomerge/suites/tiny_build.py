@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from paretomerge.kernels import ModuleSpec
+from paretomerge.progress import progress_bar
 from paretomerge.suites.tiny_images import FACTORS, IMAGE_SIZE, render
 from paretomerge.suites.tiny_text import WordTokenizer, captions
 
@@ -130,10 +130,6 @@ class TinyCLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
 
-def _progress(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
 def _batches(num_items: int, batch_size: int, steps: int, generator: torch.Generator):
     """Indices of ``steps`` shuffled mini-batches, reshuffling every pass."""
     order = torch.randperm(num_items, generator=generator)
@@ -150,7 +146,7 @@ def _train_one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, steps: int
     """``steps`` optimizer steps on shuffled mini-batches (``loss_of(indices)``), one-cycle learning rate."""
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
-    with _progress(steps, desc, progress) as bar:
+    with progress_bar(total=steps, desc=desc, enabled=progress) as bar:
         for index in _batches(num_items, batch_size, steps, generator):
             loss = loss_of(index)
             optimizer.zero_grad(set_to_none=True)

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from paretomerge.kernels import ModuleSpec
+from paretomerge.progress import progress_bar
 
 # Prompt templates per task, in the style of CLIP's prompt engineering: what the images are, in a few phrasings.
 TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -56,7 +56,7 @@ def class_embeddings(clip_model: nn.Module, tokenizer: Callable[[list[str]], Ten
     prompts = [template.format(name) for name in class_names for template in templates]
     device = next(clip_model.parameters()).device
     chunks = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=description, disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(prompts), batch_size), desc=description, enabled=progress):
         tokens = tokenizer(prompts[start:start + batch_size]).to(device)
         chunks.append(F.normalize(clip_model.encode_text(tokens).float(), dim=-1))
     per_prompt = torch.cat(chunks).reshape(len(class_names), len(templates), -1)
