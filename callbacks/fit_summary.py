@@ -14,7 +14,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from paretomerge.front import evaluate_front, static_front, summary_preferences
+import paretomerge
+from paretomerge.front import evaluate_front, preference_aware, static_front, summary_preferences
+from paretomerge.modules import ParetoMerging
 from paretomerge.pareto import hypervolume, non_dominated
 from paretomerge.plotting import write_front_csv
 
@@ -45,9 +47,30 @@ def stored_set(path: Path, module: L.LightningModule) -> str:
     line += f"; its preference basis is {kind}, {basis.nbytes() / 2**20:.2f} MiB"
     if rank is not None and tv.has_task_vectors:
         line += (f", {100 * basis.kept(tv.tau):.1f}% of the task vectors' squared norm (the full basis, "
-                 f"basis_rank=None, would be {tv.nbytes() / 2**20:.2f} MiB; what the rank costs: README, "
+                 f"basis_rank=None, would be {tv.nbytes() / 2**20:.2f} MiB; what the rank costs: docs/method.md, "
                  "'The compact Pareto set')")
     return line + "."
+
+
+def describe(module: L.LightningModule) -> str:
+    """How the summary names ``module``: Pareto Merging with its configuration (ours or the paper's), else its class."""
+    if type(module) is not ParetoMerging:
+        return type(module).__name__
+    hp = module.hparams
+    parts = ["preference-conditioned coefficients"] if hp.get("preference_coefficients") else []
+    parts += [f"diversity term β_div={hp['beta_div']:g}"] if hp.get("beta_div", 0) > 0 else []
+    return "Pareto Merging, " + (f"ours ({', '.join(parts)})" if parts else "the paper's configuration")
+
+
+def loading_lines(module: L.LightningModule, path: str, at_call: str, tasks: list[str]) -> list[str]:
+    """How to use the checkpoint: the import and loading call of ``module``'s own class, then ``at``."""
+    cls = type(module)
+    package = "paretomerge" if getattr(paretomerge, cls.__name__, None) is cls else cls.__module__
+    return ["Use it:",
+            f"    from {package} import {cls.__name__}",
+            f"    model = {cls.__name__}.load_from_checkpoint({str(path or 'path/to.ckpt')!r})",
+            f"    {at_call}",
+            f"    logits = net(images, task={tasks[0]!r})  # images [B, 3, H, W]"]
 
 
 class FitSummary(L.Callback):
@@ -76,7 +99,7 @@ class FitSummary(L.Callback):
             return
         tasks = list(pl_module.task_vectors.task_names)
         num_tasks = len(tasks)
-        if not getattr(pl_module, "preference_aware", True):  # one model (AdaMerging): no front to evaluate
+        if not preference_aware(pl_module):  # one model (AdaMerging): no front to evaluate
             print(self._single_model_table(tasks, datamodule, pl_module, trainer))
             return
         self.preferences = summary_preferences(num_tasks, self.seed)
@@ -124,9 +147,8 @@ class FitSummary(L.Callback):
         checkpoint = trainer.checkpoint_callback
         path = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
         if path:
-            lines.append(f"Checkpoint: {path}  (load it with {type(pl_module).__name__}.load_from_checkpoint, "
-                         "then .at() gives the model)")
-        return "\n".join(lines + [""])
+            lines.append(f"Checkpoint: {path}")
+        return "\n".join(lines + loading_lines(pl_module, path, "net = model.at()", tasks) + [""])
 
     def _table(self, tasks: list[str], report: dict | None, hv: float, hv_normalised: float | None,
                reference_volumes: tuple[float, float | None] | None, trainer: L.Trainer, log_dir: Path) -> str:
@@ -136,13 +158,10 @@ class FitSummary(L.Callback):
         header = f"{'task':<12}"
         columns: list[tuple[str, list[float]]] = []
         columns += self._baseline_columns(report, tasks)
-        columns += [("PM equal", equal.tolist()), ("PM one-hot", own.tolist())]
+        short = "PM" if isinstance(trainer.lightning_module, ParetoMerging) else type(trainer.lightning_module).__name__
+        columns += [(f"{short} equal", equal.tolist()), (f"{short} one-hot", own.tolist())]
         header += "".join(f"{name:>13}" for name, _ in columns) + f"{'one-hot - equal':>17}"
-        hp = getattr(trainer.lightning_module, "hparams", {})
-        parts = ["preference-conditioned coefficients"] if hp.get("preference_coefficients") else []
-        parts += [f"diversity term β_div={hp['beta_div']:g}"] if hp.get("beta_div", 0) > 0 else []
-        kind = f"ours ({', '.join(parts)})" if parts else "the paper's configuration"
-        lines = ["", f"Pareto Merging, {kind}: test accuracy (%) per task", header, "-" * len(header)]
+        lines = ["", f"{describe(trainer.lightning_module)}: test accuracy (%) per task", header, "-" * len(header)]
         for k, task in enumerate(tasks):
             lines.append(f"{task:<12}" + "".join(f"{100 * values[k]:>13.1f}" for _, values in columns)
                          + f"{100 * (own[k] - equal[k]):>+17.1f}")
@@ -153,8 +172,9 @@ class FitSummary(L.Callback):
         better = int((own > equal).sum())
         lines += [
             "",
-            "'PM equal' is at(equal preference); 'PM one-hot' is task k's accuracy at at(e_k), the preference that "
-            f"puts all weight on task k; it beats the equal preference for {better} of {num_tasks} tasks.",
+            f"'{short} equal' is at(equal preference); '{short} one-hot' is task k's accuracy at at(e_k), the "
+            f"preference that puts all weight on task k; it beats the equal preference for {better} of {num_tasks} "
+            "tasks.",
             f"Front: {front.shape[0]} preferences (SPEC §4), {len(non_dominated(front))} non-dominated; hypervolume "
             f"{hv:.4f}" + (f", normalised by individual accuracy {hv_normalised:.4f}" if hv_normalised else "")
             + f". Every point: {log_dir / 'front_test.csv'}",
@@ -171,14 +191,6 @@ class FitSummary(L.Callback):
             lines.append(stored_set(Path(path), trainer.lightning_module))
         if trainer.logger is not None:
             lines.append(f"Logs: tensorboard --logdir {Path(trainer.logger.save_dir)}")
-        example = ", ".join(["0.0"] * num_tasks)
-        example = "1.0" + example[3:]
-        lines += [
-            "Use it:",
-            "    from paretomerge import ParetoMerging",
-            f"    model = ParetoMerging.load_from_checkpoint({str(path or 'path/to.ckpt')!r})",
-            f"    net = model.at([{example}])  # one weight per task: {', '.join(tasks)}",
-            f"    logits = net(images, task={tasks[0]!r})  # images [B, 3, H, W]",
-            "",
-        ]
-        return "\n".join(lines)
+        example = ", ".join(["1.0"] + ["0.0"] * (num_tasks - 1))
+        at = f"net = model.at([{example}])  # one weight per task: {', '.join(tasks)}"
+        return "\n".join(lines + loading_lines(trainer.lightning_module, path, at, tasks) + [""])

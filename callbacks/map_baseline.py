@@ -19,7 +19,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from paretomerge.callbacks.fit_summary import run_directory
-from paretomerge.front import evaluate_front
+from paretomerge.front import evaluate_front, preference_aware
 from paretomerge.map.bayesian import bayesian_map
 from paretomerge.map.evaluate import MergeEvaluator
 from paretomerge.map.nested import nested_map
@@ -130,7 +130,7 @@ class MAPBaseline(L.Callback):
                           if "evaluations" not in k) + f"\nMAP front: {log_dir / 'map_front.csv'}")
 
     def _module_front(self, pl_module: L.LightningModule, datamodule: Any) -> np.ndarray | None:
-        if not getattr(pl_module, "preference_aware", False) or not hasattr(datamodule, "evaluate"):
+        if not preference_aware(pl_module) or not hasattr(datamodule, "evaluate"):
             return None
         prefs = front_preferences(pl_module.task_vectors.num_tasks, self.seed)
         return evaluate_front(pl_module, datamodule, prefs, progress=False, split=self.split).numpy()

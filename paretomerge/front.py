@@ -26,11 +26,17 @@ def summary_preferences(num_tasks: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([fixed, torch.stack(rest)]) if rest else fixed
 
 
+def preference_aware(module: Any) -> bool:
+    """Whether ``module.at(γ)`` depends on γ: the module's ``preference_aware`` (`MergingModule` declares it), and True
+    for a module that does not say (the one default, for every caller)."""
+    return bool(getattr(module, "preference_aware", True))
+
+
 def module_preferences(module: Any, seed: int = 0) -> torch.Tensor:
     """The preferences to evaluate a module's front at: `summary_preferences` for a preference-aware module, and the
     equal preference alone for a one-model module (AdaMerging), whose every preference gives the same model."""
     num_tasks = module.task_vectors.num_tasks
-    if getattr(module, "preference_aware", True):
+    if preference_aware(module):
         return summary_preferences(num_tasks, seed)
     return torch.full((1, num_tasks), 1.0 / num_tasks)
 

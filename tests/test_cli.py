@@ -128,6 +128,7 @@ def test_the_adamerging_config_fits_and_summarises_one_model(fast_tiny, tmp_path
                      "--model.init_args.ties_top_k", "0.2", "--model.init_args.beta_div", "0.1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "AdaMerging: test accuracy (%) per task" in result.stdout
+    assert "from paretomerge import AdaMerging" in result.stdout and "AdaMerging.load_from_checkpoint(" in result.stdout
     mean_row = next(line for line in result.stdout.splitlines() if line.startswith("mean "))
     printed = float(mean_row.split()[-1])
     checkpoint = next(tmp_path.rglob("last.ckpt"))
@@ -168,3 +169,22 @@ def test_the_map_config_adds_the_map_baseline_to_a_fit(fast_tiny, tmp_path, monk
     assert "win_rate_module_vs_map" in line
     assert list(tmp_path.rglob("map_front.csv")) and list(tmp_path.rglob("last.ckpt"))
     assert "front/final/figure" in _events(tmp_path).Tags()["images"]  # with MAP's fronts on its axes
+
+
+class MyMerging(ParetoMerging):
+    """A user's subclass: the summary must name it and show its own loading call."""
+
+
+def test_the_summary_names_the_module_it_summarises():
+    from paretomerge import AdaMerging
+    from paretomerge.callbacks.fit_summary import describe, loading_lines
+
+    assert describe(ParetoMerging()) == "Pareto Merging, ours (preference-conditioned coefficients, diversity term " \
+                                         "β_div=0.1)"
+    assert describe(ParetoMerging(preference_coefficients=False, beta_div=0)) == "Pareto Merging, the paper's " \
+                                                                                 "configuration"
+    assert describe(MyMerging()) == "MyMerging" and describe(AdaMerging()) == "AdaMerging"
+    lines = loading_lines(MyMerging(), "run/last.ckpt", "net = model.at([1, 0])", ["a", "b"])
+    assert lines[1:3] == ["    from tests.test_cli import MyMerging",
+                          "    model = MyMerging.load_from_checkpoint('run/last.ckpt')"]
+    assert loading_lines(AdaMerging(), "", "net = model.at()", ["a"])[1] == "    from paretomerge import AdaMerging"
