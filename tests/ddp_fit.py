@@ -1,10 +1,11 @@
 """A 2-process DDP fit on CPU (gloo) of the fast TinySuite, for tests/test_ddp.py (a script: Lightning's DDP launcher
 re-runs it once per extra rank, which a pytest process cannot be).
 
-    python tests/ddp_fit.py OUT CACHE {pareto,adamerging} [STEPS]
+    python tests/ddp_fit.py OUT CACHE pareto,adamerging [STEPS]
 
-Every rank writes ``OUT/rank<r>.json`` (what it saw and sent) and ``OUT/rank<r>.pt`` (its trainable state); every
-build of the suite appends the building process's pid to ``OUT/builds.txt``.
+The methods are fitted one after the other in one 2-process group. For each, every rank writes
+``OUT/<method>/rank<r>.json`` (what it saw and sent) and ``OUT/<method>/rank<r>.pt`` (its trainable state); every
+build of the suite appends the building process's pid to ``OUT/<method>/builds.txt``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from paretomerge import AdaMerging, ParetoMerging
 from paretomerge.callbacks import FitSummary, MAPBaseline, ParetoFrontLogger
-from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
+from paretomerge.suites import FAST_TASKS, TinySuite
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root, for tests.*
+from tests.conftest import SMALL_RECIPE  # noqa: E402  (DDP's mechanics need no suite in CLIP's regime)
 
 
 def digest(tensor: torch.Tensor) -> str:
@@ -89,29 +93,9 @@ def counting_allreduce(traffic, bucket):  # no annotations: DDP checks them agai
     return default_hooks.allreduce_hook(None, bucket)
 
 
-def main() -> None:
-    out, cache_dir, method = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    steps = int(sys.argv[4]) if len(sys.argv) > 4 else 6
+def fit(out: Path, method: str, steps: int, suite: TinySuite) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
-
-    build = TinySuite._build
-
-    def counted_build(self):
-        with open(out / "builds.txt", "a") as handle:
-            handle.write(f"{os.getpid()}\n")
-        return build(self)
-
-    TinySuite._build = counted_build
-    suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,
-                      progress=False, cache_dir=cache_dir)
-    model = ParetoMerging(rank=4, seed=0) if method == "pareto" else AdaMerging(seed=0)
-    if os.environ.get("LOCAL_RANK") == "1":  # a device whose SVD gives other bits: it must train with rank 0's basis
-        import paretomerge.kernels.basis as basis_module
-
-        svd = basis_module.truncated_svd
-        basis_module.truncated_svd = lambda tau, rank: tuple(1.5 * f if i == 0 else f
-                                                             for i, f in enumerate(svd(tau, rank)))
+    model = ParetoMerging(rank=4, seed=0) if method == "pareto" else AdaMerging()
     traffic = {"bytes": 0, "buckets": 0}
     # The module registers no buffers (θ0, τ and the heads live outside it), so DDP has none to broadcast.
     strategy = DDPStrategy(process_group_backend="gloo")
@@ -124,6 +108,34 @@ def main() -> None:
                    FitSummary()],
     )
     trainer.fit(model, datamodule=suite)
+
+
+def main() -> None:
+    out, cache_dir, methods = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+    steps = int(sys.argv[4]) if len(sys.argv) > 4 else 6
+    torch.set_num_threads(1)
+    build = TinySuite._build
+    current = {"out": out}
+
+    def counted_build(self):
+        with open(current["out"] / "builds.txt", "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return build(self)
+
+    TinySuite._build = counted_build
+    if os.environ.get("LOCAL_RANK") == "1":  # a device whose SVD gives other bits: it must train with rank 0's basis
+        import paretomerge.kernels.basis as basis_module
+
+        svd = basis_module.truncated_svd
+        basis_module.truncated_svd = lambda tau, rank: tuple(1.5 * f if i == 0 else f
+                                                             for i, f in enumerate(svd(tau, rank)))
+    # One 2-process group for every method: the first fit launches rank 1 (which runs this script, so the same fits),
+    # and the next fits join the process group that is already there.
+    for method in methods:
+        current["out"] = out / method
+        suite = TinySuite(tasks=list(FAST_TASKS), recipe=SMALL_RECIPE, test_images=128, val_images=64, batch_size=8,
+                          progress=False, cache_dir=cache_dir)
+        fit(out / method, method, steps, suite)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`trainer.fit` with ``strategy=ddp`` on CPU: 2 processes, gloo, the fast TinySuite (tests/ddp_fit.py).
+"""`trainer.fit` with ``strategy=ddp`` on CPU: 2 processes, gloo, a small TinySuite (tests/ddp_fit.py; the mechanics
+need no suite in CLIP's regime, and a small one builds in seconds, fresh, so the build under DDP is checked too).
 
 Checked: the fit completes for Pareto Merging and AdaMerging; λ and the preference tensor end identical on both
 ranks; the ranks saw different images and drew different γ, keyed by (seed, step, rank); DDP wraps and all-reduces
@@ -21,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from paretomerge import AdaMerging, ParetoMerging
 from paretomerge.preferences import sample_dirichlet
-from paretomerge.suites import FAST_RECIPE, FAST_TASKS, TinySuite
+from paretomerge.suites import FAST_TASKS, TinySuite
 from tests.conftest import SMALL_RECIPE
 from tests.ddp_fit import digest
 
@@ -30,22 +31,28 @@ STEPS = 6
 pytestmark = pytest.mark.slow
 
 
-def _fit(out: Path, cache: Path, method: str) -> list[dict]:
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_fit.py"), str(out), str(cache), method,
-                             str(STEPS)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("ddp-cache")  # fresh: the first fit builds the suite
 
 
 @pytest.fixture(scope="module")
-def pareto_fit(tmp_path_factory, cache):
-    out = tmp_path_factory.mktemp("ddp-pareto")
-    return out, _fit(out, cache, "pareto")
+def fits(tmp_path_factory, cache) -> Path:
+    """Pareto Merging, then AdaMerging, in one 2-process group (one launch of tests/ddp_fit.py)."""
+    out = tmp_path_factory.mktemp("ddp")
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_fit.py"), str(out), str(cache),
+                             "pareto,adamerging", str(STEPS)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out
+
+
+def _ranks(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def pareto_fit(fits):
+    return fits / "pareto", _ranks(fits / "pareto")
 
 
 def _check_common(out: Path, ranks: list[dict], trainable_names: list[str]) -> None:
@@ -92,7 +99,7 @@ def test_ddp_fit_pareto_merging(pareto_fit, cache):
     assert ranks[0]["basis"] == ranks[1]["basis"] == digest(torch.cat([t.flatten().double() for t in stored.tensors()]))
     # validation metrics are synced across ranks by torchmetrics: the logged accuracy (each rank saw half the
     # validation images) equals the accuracy of the saved model on the whole validation split
-    suite = TinySuite(tasks=list(FAST_TASKS), recipe=FAST_RECIPE, test_images=128, val_images=64, batch_size=8,
+    suite = TinySuite(tasks=list(FAST_TASKS), recipe=SMALL_RECIPE, test_images=128, val_images=64, batch_size=8,
                       progress=False, cache_dir=str(cache))
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
     events.Reload()
@@ -108,11 +115,12 @@ def test_ddp_fit_pareto_merging(pareto_fit, cache):
     assert len((out / "builds.txt").read_text().split()) == 1
 
 
-def test_ddp_fit_adamerging(pareto_fit, cache, tmp_path):
-    ranks = _fit(tmp_path, cache, "adamerging")
-    model = AdaMerging.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    _check_common(tmp_path, ranks, ["lambdas"])
-    assert not (tmp_path / "builds.txt").exists()  # the cache built by the first fit was reused
+def test_ddp_fit_adamerging(fits):
+    out = fits / "adamerging"
+    ranks = _ranks(out)
+    model = AdaMerging.load_from_checkpoint(out / "checkpoints" / "last.ckpt")
+    _check_common(out, ranks, ["lambdas"])
+    assert not (out / "builds.txt").exists()  # the cache built by the first fit was reused
     assert model.lambdas.shape == (len(model.task_vectors.layer_names), 3)
 
 
@@ -155,7 +163,8 @@ def test_ddp_config_through_the_cli(pareto_fit, cache, tmp_path):
     command = [sys.executable, "-m", "paretomerge.cli", "fit", "--config", str(ROOT / "tests/configs/tiny_fast.yaml"),
                "--config", str(ROOT / "configs/ddp.yaml"), "--trainer.devices", "2", "--trainer.accelerator", "cpu",
                "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-               "--data.init_args.cache_dir", str(cache)]  # the suite the first fit built
+               "--data.init_args.cache_dir", str(cache),  # the suite the first fit built
+               "--data.init_args.recipe", "{" + ", ".join(f"{k}: {v}" for k, v in SMALL_RECIPE.items()) + "}"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "Starting with 2 processes" in result.stdout + result.stderr
