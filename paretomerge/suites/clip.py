@@ -136,7 +136,7 @@ class CLIPSuite(LightningDataModule):
     pretrained:     θ0 and the text tower: an open_clip tag in the local cache (``openai``), a local whole-CLIP
                     checkpoint (open_clip keys, safetensors or a weights-only torch file), or None for random
                     weights seeded by ``seed``.
-    data_root:      the datasets, each in torchvision's layout (see the README and `clip_data`).
+    data_root:      the datasets, each in torchvision's layout (see docs/clip.md and `clip_data`).
     checkpoint_dir: fine-tuned visual towers, ``<checkpoint_dir>/<task>/<one of CHECKPOINT_NAMES>``; open_clip keys,
                     Hugging Face ``CLIPVisionModel`` keys, or (with ``allow_pickle``) task_vectors' pickled modules.
     finetuned:      task -> checkpoint path, overriding ``checkpoint_dir`` for those tasks.

@@ -8,7 +8,7 @@
 3. **θ_k** (`finetune`): the image tower fine-tuned on task k's dataset against its frozen zero-shot head, with AdamW
    and a one-cycle schedule (Ilharco et al.). The head never changes.
 
-Why these choices, with the measurements behind them: README, "The embedded suite", and benchmarks/README.md.
+Why these choices, with the measurements behind them: docs/tiny-suite.md, and benchmarks/README.md ("suite_regime.py").
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class Recipe:
 class BagOfWords(nn.Module):
     """A light text tower: the mean of the text's word embeddings (``<pad>``, ``<sot>`` and ``<eot>`` left out), layer
     normalised and projected to the joint space. On a CPU budget it aligns words with images where open_clip's text
-    transformer of the same width did not (README, "The embedded suite"); it ignores word order."""
+    transformer of the same width did not (benchmarks/README.md, "suite_regime.py"); it ignores word order."""
 
     def __init__(self, vocab_size: int, width: int, embed_dim: int) -> None:
         super().__init__()

@@ -77,7 +77,7 @@ class Domain:
 # Each task is its own dataset, as CLIP's benchmark tasks are: its images vary the factor it labels and hold the
 # others fixed (a different setting per dataset), and they are noisier than the pretraining images, or their dots
 # dimmer, or their background hues greyer: the evidence for the label is weaker, not moved to another class. How much
-# was chosen by measurement (README, "The embedded suite").
+# was chosen by measurement (docs/tiny-suite.md, and benchmarks/README.md, "suite_regime.py").
 DOMAINS: dict[str, Domain] = {
     "shape": Domain(("object",), {"colour": 3, "size": 2, "position": 0, "background": 0, "stripes": 0},
                     Style(noise=0.35)),
