@@ -7,9 +7,10 @@ every preference, and logs through the Lightning logger:
 - scalars ``front/hypervolume``, ``front/hypervolume_normalised`` (accuracies divided by the individual fine-tuned
   models' on the same split), ``front/spread`` (`paretomerge.pareto.front_spread`), ``front/non_dominated``, and
   ``front/acc/<equal|onehot_task>/<task>``;
-- figures ``front/figure`` (K=2 scatter labelled by preference, K=3 3-D scatter, K≥4 pairwise projections) and
-  ``front/parallel_coordinates`` (K≥4), with Task Arithmetic, AdaMerging (``adamerging_ckpt``) and MAP's predicted
-  and real fronts (when a `MAPBaseline` callback has run) on the same axes;
+- figures ``front/figure`` (K=2 scatter labelled by preference, K=3 3-D scatter, K≥4 pairwise projections with each
+  task's accuracy range on the diagonal) and ``front/parallel_coordinates`` (K≥4), with Task Arithmetic, AdaMerging
+  (``adamerging_ckpt``) and MAP's predicted and real fronts (when a `MAPBaseline` callback has run) on the same axes,
+  and the zero-shot (θ0) and individual (fine-tuned) accuracies on the same split as references;
 - text ``front/table``: every evaluated point, preference → per-task accuracy;
 - at the end of fit, ``front/final_figure`` (with MAP's end-of-fit front) and the hyperparameters with the final
   front metrics (``final/...``) for TensorBoard's HParams tab.
@@ -28,7 +29,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from paretomerge.front import evaluate_front, individual_accuracy, module_preferences, static_point
+from paretomerge.front import evaluate_front, individual_accuracy, module_preferences, static_point, zero_shot_accuracy
 from paretomerge.pareto import front_spread, hypervolume, non_dominated
 from paretomerge.plotting import Overlay, front_figures, front_table
 
@@ -61,6 +62,7 @@ class ParetoFrontLogger(L.Callback):
         self.metrics: dict[str, float] = {}  # scalars of the last evaluation
         self.evaluated_at: int | None = None  # global step of the last evaluation
         self._individual: np.ndarray | None = None
+        self._zero_shot: np.ndarray | None = None
         self._warned_zero = False
         self._overlays: list[Overlay] | None = None
 
@@ -119,6 +121,16 @@ class ParetoFrontLogger(L.Callback):
             if tv is not None:
                 self._individual = individual_accuracy(tv, trainer.datamodule, self.split)
         return self._individual
+
+    def _references(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, np.ndarray]:
+        """The figures' reference accuracies ``[K]`` on the evaluated split: θ0 with its heads (zero-shot) and each
+        fine-tuned model on its own task (individual), each computed once; none without the original task vectors."""
+        if self._zero_shot is None:
+            tv = self._original_task_vectors(trainer, pl_module)
+            if tv is None:
+                return {}
+            self._zero_shot = zero_shot_accuracy(tv, trainer.datamodule, self.split)
+        return {"zero-shot": self._zero_shot, "individual": self._individual_accuracy(trainer, pl_module)}
 
     @staticmethod
     def _original_task_vectors(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
@@ -179,7 +191,8 @@ class ParetoFrontLogger(L.Callback):
         acc, prefs = self.front.numpy(), self.preferences.numpy()
         overlays = self._baseline_overlays(trainer, pl_module) + self._map_overlays(trainer)
         title = f"{type(pl_module).__name__}, step {step}, {self.split} split"
-        figures = front_figures(acc, prefs, tasks, overlays, title=title)
+        figures = front_figures(acc, prefs, tasks, overlays, title=title,
+                                references=self._references(trainer, pl_module))
         table = front_table(acc, prefs, tasks, markdown=True)
         for writer in writers:
             for name, figure in figures.items():

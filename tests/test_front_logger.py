@@ -25,6 +25,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from paretomerge import ParetoMerging
 from paretomerge.callbacks import MAPBaseline, ParetoFrontLogger
 from paretomerge.front import individual_accuracy, summary_preferences
+from paretomerge.kernels.merged_model import MergedModel
 from paretomerge.pareto import front_spread, hypervolume
 from paretomerge.plotting import Overlay, front_figures, front_table, save_figure
 from paretomerge.preferences import front_preferences
@@ -131,10 +132,12 @@ def test_map_fronts_are_drawn_on_the_final_figure(run):
     with_map = overlays + [Overlay("MAP predicted", np.clip(map_baseline.last["predicted"], 0, 1)),
                            Overlay("MAP real", map_baseline.last["real"])]
     title = f"ParetoMerging, step {STEPS}, val split"
+    references = {"zero-shot": logger._zero_shot, "individual": logger._individual}
 
     def pixels(figure_overlays):
         buffer = io.BytesIO()
-        front_figures(acc, prefs, tasks, figure_overlays, title=title)["front"].savefig(buffer, format="png")
+        front_figures(acc, prefs, tasks, figure_overlays, title=title, references=references)["front"].savefig(
+            buffer, format="png")
         return np.asarray(Image.open(buffer).convert("RGB"))
 
     logged = np.asarray(Image.open(io.BytesIO(run["events"].Images("front/final/figure")[-1].encoded_image_string))
@@ -142,6 +145,33 @@ def test_map_fronts_are_drawn_on_the_final_figure(run):
     assert logged.shape == pixels(with_map).shape
     assert np.abs(logged.astype(int) - pixels(with_map).astype(int)).mean() < np.abs(
         logged.astype(int) - pixels(overlays).astype(int)).mean()
+
+
+def test_figures_carry_the_zero_shot_and_individual_references(run):
+    """The logger computes θ0's and the fine-tuned models' accuracy on its split once, and the logged figure is the
+    front drawn with them (closer in pixels than the same front drawn without)."""
+    logger, suite = run["logger"], run["suite"]
+    tv = suite.task_vectors()
+    theta0 = suite.evaluate(MergedModel(tv.backbone, tv.heads).eval(), split="val")  # θ0 itself, not through the merge
+    assert logger._zero_shot.tolist() == pytest.approx([theta0[t] for t in suite.tasks])
+    assert logger._individual.tolist() == pytest.approx(individual_accuracy(tv, suite, "val").tolist())
+    assert (logger._zero_shot < logger._individual).all()  # fine-tuning helps each task on the tiny suite
+    tasks, acc, prefs = list(suite.tasks), logger.front.numpy(), logger.preferences.numpy()
+    last = run["map"].last
+    overlays = logger._overlays + [Overlay("MAP predicted", np.clip(last["predicted"], 0, 1)),
+                                   Overlay("MAP real", last["real"])]
+    title = f"ParetoMerging, step {STEPS}, val split"
+
+    def pixels(references):
+        buffer = io.BytesIO()
+        front_figures(acc, prefs, tasks, overlays, title=title, references=references)["front"].savefig(
+            buffer, format="png")
+        return np.asarray(Image.open(buffer).convert("RGB")).astype(int)
+
+    logged = np.asarray(Image.open(io.BytesIO(run["events"].Images("front/final/figure")[-1].encoded_image_string))
+                        .convert("RGB")).astype(int)
+    with_references = pixels({"zero-shot": logger._zero_shot, "individual": logger._individual})
+    assert np.abs(logged - with_references).mean() < np.abs(logged - pixels({})).mean()
 
 
 def test_tensorboard_server_serves_the_front_figure(run):
@@ -195,7 +225,7 @@ def test_front_command_writes_png_csv_and_table(run, tmp_path):
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     image = Image.open(out)
-    assert image.size == (700, 650)  # the K=3 figure, 7 × 6.5 inches at 100 dpi
+    assert image.size == (900, 650)  # the K=3 figure, 9 × 6.5 inches at 100 dpi (the legend right of the axes)
     _not_blank(image)
     rows = out.with_suffix(".csv").read_text().splitlines()
     assert rows[0].split(",") == ["pref_colour", "pref_stripes", "pref_size", "acc_colour", "acc_stripes",
@@ -205,6 +235,11 @@ def test_front_command_writes_png_csv_and_table(run, tmp_path):
         expected = suite.evaluate(model.at(preference), split="val")
         assert [float(v) for v in row.split(",")[3:6]] == pytest.approx([expected[t] for t in suite.tasks], abs=1e-6)
     assert "(0.50, 0.50, 0.00)" in result.stdout and "Task Arithmetic:" in result.stdout
+    tv = suite.task_vectors()
+    zero_shot = MergedModel(tv.backbone, tv.heads).eval()  # θ0 itself, not through the merge
+    for name, values in (("zero-shot", suite.evaluate(zero_shot, split="val")),
+                         ("individual", dict(zip(suite.tasks, individual_accuracy(tv, suite, "val"), strict=True)))):
+        assert f"{name}: " + ", ".join(f"{t} {100 * values[t]:.1f}" for t in suite.tasks) in result.stdout
 
 
 @pytest.mark.parametrize("argv, message", [
