@@ -21,6 +21,7 @@ from paretomerge.kernels import (
     PreferenceBasis,
     TaskVectors,
     check_labels,
+    compile_backend,
     forward_tasks,
     materialize,
     merge,
@@ -29,22 +30,6 @@ from paretomerge.kernels.sparsify import check_fraction
 from paretomerge.modules import checkpoint as ckpt
 from paretomerge.modules.checkpoint import CheckpointError
 from paretomerge.preferences import equal_and_one_hots, preference_for
-
-
-def compile_backend(compile_forward: bool | str) -> str | None:
-    """The ``torch.compile`` backend for the merged forward: False -> None (eager), True -> ``"inductor"``, or a
-    backend's name (``"aot_eager"``, ``"cudagraphs"``...)."""
-    if compile_forward is False or compile_forward is None:
-        return None
-    if compile_forward is True:
-        return "inductor"
-    import torch._dynamo
-
-    backends = torch._dynamo.list_backends(exclude_tags=())
-    if not isinstance(compile_forward, str) or compile_forward not in backends:
-        raise ValueError(f"compile_forward must be true, false or a torch.compile backend {backends}, "
-                         f"got {compile_forward!r}")
-    return compile_forward
 
 
 class MergingModule(L.LightningModule):
