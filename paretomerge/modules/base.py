@@ -44,7 +44,7 @@ class MergingModule(PerTaskEvaluation, CheckpointHooks, L.LightningModule):
     #: task -> (images, labels or None) out of a training or evaluation batch; a subclass may read another format
     split_batch = staticmethod(split_batch)
 
-    def __init__(self, lr: float, lambda_init: float, lambda_bounds: Sequence[float] | None, seed: int,
+    def __init__(self, lr: float, lambda_init: float, lambda_bounds: Sequence[float] | None,
                  ties_top_k: float | None = None, compile_forward: bool | str = False) -> None:
         super().__init__()
         self._compile_backend = compile_backend(compile_forward)
@@ -57,8 +57,6 @@ class MergingModule(PerTaskEvaluation, CheckpointHooks, L.LightningModule):
                 raise ValueError(f"lambda_bounds must be (low, high) with low < high, got {lambda_bounds!r}")
             if not lambda_bounds[0] <= lambda_init <= lambda_bounds[1]:
                 raise ValueError(f"lambda_init={lambda_init} lies outside lambda_bounds={tuple(lambda_bounds)}")
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.task_vectors: TaskVectors | None = None
         self.lambdas: nn.Parameter | None = None
         self.accuracy = nn.ModuleDict()  # per-task metrics, built with λ (`PerTaskEvaluation._build_metrics`)
