@@ -50,12 +50,11 @@ QUICK_SUITE = {"recipe": FAST_RECIPE, "test_images": 128, "val_images": 64}
 OURS_BETA_DIV = inspect.signature(ParetoMerging).parameters["beta_div"].default
 
 
-def adamerging_front(suite: TinySuite, preferences: torch.Tensor, seed: int, steps: int,
-                     beta_div: float) -> torch.Tensor:
+def adamerging_front(suite: TinySuite, preferences: torch.Tensor, steps: int, beta_div: float) -> torch.Tensor:
     """``Acc [P, K]``: one AdaMerging + preference run per row, each evaluated at its own preference."""
     rows = []
     for p in preferences:
-        model = AdaMerging(preference=p.tolist(), seed=seed, beta_div=beta_div)
+        model = AdaMerging(preference=p.tolist(), beta_div=beta_div)
         fit(model, suite, steps)
         accuracy = suite.evaluate(model.at())
         rows.append([accuracy[t] for t in suite.tasks])
@@ -74,7 +73,7 @@ def run_case(case: str, tasks: list[str] | None, seed: int, methods: list[str], 
         out[f"{method}_s"] = fit(model, suite, steps)
         fronts[method] = evaluate_front(model, suite, preferences, progress=False)
     for beta_div in beta_divs if with_adamerging else ():
-        fronts[ada_name(beta_div)] = adamerging_front(suite, preferences, seed, steps, beta_div)
+        fronts[ada_name(beta_div)] = adamerging_front(suite, preferences, steps, beta_div)
     out["hv"] = {name: hypervolume(front) for name, front in fronts.items()}
     out["equal"] = {name: 100 * float(front[0].mean()) for name, front in fronts.items()}
     out["winner"] = max(out["hv"], key=out["hv"].get)

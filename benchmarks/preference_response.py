@@ -169,7 +169,7 @@ def main() -> None:
         report = suite.build_report
         zero_shot = np.array([report["tasks"][t]["zero_shot_accuracy"] for t in suite.tasks])
         for beta_div in () if args.no_ada else args.ada_beta_div:
-            ada = AdaMerging(seed=seed, beta_div=beta_div)
+            ada = AdaMerging(beta_div=beta_div)
             seconds = fit(ada, suite, args.steps)
             accuracy = np.array([suite.evaluate(ada.at())[t] for t in suite.tasks])
             lines.append(f"| {seed} | AdaMerging (layer-wise, β_div {beta_div:g}) | {100 * accuracy.mean():.1f} "

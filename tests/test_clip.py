@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from paretomerge import ModuleSpec, ParetoMerging, export_pareto_set, load_pareto_set
+from paretomerge import ModuleSpec, ParetoMerging, export_pareto_set, load_pareto_set, recognise
 from paretomerge.cli import main as cli_main
 from paretomerge.modules import CheckpointError
 from paretomerge.suites import CLIPSuite, DatasetNotFoundError, PickledCheckpointError
@@ -169,7 +169,7 @@ def test_zero_shot_heads_are_deterministic_and_match_the_text_tower():
     with torch.no_grad():
         expected = clip.logit_scale.exp() * clip.encode_image(images, normalize=True) @ F.normalize(weights, dim=-1).T
         torch.testing.assert_close(head(clip.visual(images)), expected, rtol=1e-4, atol=1e-4)
-    assert ModuleSpec.of(head).build().classifier.weight.shape == (3, 512)  # rebuildable from a checkpoint
+    assert recognise(head).build().classifier.weight.shape == (3, 512)  # rebuildable from a checkpoint
 
 
 def test_a_vit_b16_checkpoint_is_refused_for_a_vit_b32_backbone_naming_the_first_key(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paretomerge import ModuleSpec, ParetoMerging, PreferenceTensor, TaskVectors, merge
+from paretomerge import ModuleSpec, ParetoMerging, PreferenceTensor, TaskVectors, merge, recognise
 from paretomerge.kernels import DEFAULT_TARGETS, forward_tasks, select_model, select_targets
 from tests.synthetic import build_problem, make_task_vectors, vit_spec
 
@@ -176,7 +176,7 @@ def test_task_vectors_refuse_other_architecture_and_bad_arguments():
 
 def test_module_spec_builds_only_modules_and_plain_kwargs():
     net = ModuleSpec("torch.nn:Linear", {"in_features": 3, "out_features": 2}).build()
-    assert ModuleSpec.of(net).kwargs == {"in_features": 3, "out_features": 2}
+    assert recognise(net).kwargs == {"in_features": 3, "out_features": 2}
     with pytest.raises(ValueError, match="refusing to call"):
         ModuleSpec("torch.nn.functional:relu", {}).build()
     with pytest.raises(ValueError, match="refused|refusing"):

@@ -5,6 +5,7 @@ from paretomerge.kernels.basis import PreferenceBasis
 from paretomerge.kernels.builders import recognise
 from paretomerge.kernels.merge import (
     check_labels,
+    compile_backend,
     features_of,
     forward_features,
     forward_features_many,
@@ -26,6 +27,7 @@ __all__ = [
     "PreferenceTensor",
     "TaskVectors",
     "check_labels",
+    "compile_backend",
     "features_of",
     "forward_features",
     "forward_features_many",

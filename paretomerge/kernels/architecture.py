@@ -171,14 +171,6 @@ class ModuleSpec:
             raise ValueError(f"not a ModuleSpec record: {data!r}")
         return cls(data["target"], dict(data.get("kwargs") or {}), data.get("attr"))
 
-    @classmethod
-    def of(cls, module: nn.Module) -> ModuleSpec | None:
-        """How to rebuild ``module``: the spec it was built from, or one `paretomerge.kernels.builders.recognise`
-        finds for a recognised builder (torch.nn, open_clip, Hugging Face CLIPVisionModel, timm); else None."""
-        from paretomerge.kernels.builders import recognise  # builders imports this module
-
-        return recognise(module)
-
 
 def recorded_spec(module: nn.Module) -> ModuleSpec | None:
     """The spec ``module`` was built from by `ModuleSpec.build`, if it was."""

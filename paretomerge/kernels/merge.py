@@ -211,6 +211,22 @@ def forward_features_many(backbone: nn.Module, params: Mapping[str, Tensor], ima
     return torch.func.vmap(lambda p: forward_features(backbone, p, images))(dict(params))
 
 
+def compile_backend(compile_forward: bool | str) -> str | None:
+    """The ``torch.compile`` backend for the merged forward: False -> None (eager), True -> ``"inductor"``, or a
+    backend's name (``"aot_eager"``, ``"cudagraphs"``...)."""
+    if compile_forward is False or compile_forward is None:
+        return None
+    if compile_forward is True:
+        return "inductor"
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(compile_forward, str) or compile_forward not in backends:
+        raise ValueError(f"compile_forward must be true, false or a torch.compile backend {backends}, "
+                         f"got {compile_forward!r}")
+    return compile_forward
+
+
 _COMPILED: dict[str, Callable[..., Tensor]] = {}
 
 

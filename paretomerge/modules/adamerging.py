@@ -5,6 +5,7 @@ data, for one model. With a fixed preference γ it is *AdaMerging + preference* 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,6 +17,9 @@ from paretomerge.preferences import validate_preference
 
 GRANULARITIES = ("layer", "task")
 
+#: Hyperparameters that checkpoints written before their removal hold: ``seed``, which AdaMerging never used.
+RETIRED_HYPERPARAMETERS = ("seed",)
+
 
 class AdaMerging(MergingModule):
     """Learns λ by minimising ``Σ_k f_k`` (or ``Σ_k γ_k f_k`` for a fixed ``preference``), f_k the mean entropy.
@@ -25,7 +29,6 @@ class AdaMerging(MergingModule):
         granularity: ``"layer"`` (λ ``[L, K]``, one per layer and task) or ``"task"`` (λ ``[1, K]``, one per task).
         preference: a fixed γ (K non-negative weights, normalised); None for plain AdaMerging.
         lr, lambda_init, lambda_bounds: Adam's learning rate, the start value of λ, and its clamp after each step.
-        seed: kept for the shared interface; AdaMerging draws nothing at random.
         ties_top_k: TIES-preprocess the task vectors keeping this fraction of each (AdaMerging++ uses 0.2).
         compile_forward: run the merged forward through ``torch.compile`` (True: inductor; or a backend's name).
         beta_div: the diversity term of the shared entropy objective (`objectives.entropy_objective`), β_div ·
@@ -44,12 +47,11 @@ class AdaMerging(MergingModule):
         lr: float = 1e-3,
         lambda_init: float = 0.3,
         lambda_bounds: Sequence[float] | None = (0.0, 1.0),
-        seed: int = 0,
         ties_top_k: float | None = None,
         compile_forward: bool | str = False,
         beta_div: float = 0.0,
     ) -> None:
-        super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, seed=seed, ties_top_k=ties_top_k,
+        super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, ties_top_k=ties_top_k,
                          compile_forward=compile_forward)
         check_beta_div(beta_div)
         if granularity not in GRANULARITIES:
@@ -87,6 +89,11 @@ class AdaMerging(MergingModule):
         f = parts["entropies"]
         weights = gamma if self.hparams.preference is not None else torch.ones_like(f)
         return {"loss": linear_scalarization(f, weights.to(f)) + parts.pop("penalty", 0.0), **parts}
+
+    @classmethod
+    def upgrade_hyperparameters(cls, stored: Mapping[str, Any]) -> dict[str, Any]:
+        """Stored hyperparameters without the retired ones (a checkpoint written before ``seed`` was removed)."""
+        return {key: value for key, value in stored.items() if key not in RETIRED_HYPERPARAMETERS}
 
     def evaluation_preferences(self, num_tasks: int) -> Tensor:
         """One model, so one evaluation (logged as ``{stage}/acc/merged/...``)."""

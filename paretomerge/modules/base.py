@@ -1,53 +1,38 @@
-"""The shared base of every learned merge: task vectors, λ, per-task evaluation, `at(...)`, `.ckpt` I/O.
+"""The shared base of every learned merge: task vectors, λ, θ(γ) and its cached base, the forward, `at(...)`, the
+training step and the optimizer. Per-task evaluation is `evaluation.PerTaskEvaluation`, `.ckpt` I/O
+`checkpoint_hooks.CheckpointHooks`.
 
 Subclasses add trainable structure in `_build_trainable`, preference-dependent deltas in `deltas`, and
-their objective in `training_step`. Merging and running always go through `paretomerge.kernels`.
+their objective in `objective`. Merging and running always go through `paretomerge.kernels`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from paretomerge.kernels import (
     MergedModel,
     PreferenceBasis,
     TaskVectors,
-    check_labels,
+    compile_backend,
     forward_tasks,
     materialize,
     merge,
 )
 from paretomerge.kernels.sparsify import check_fraction
 from paretomerge.modules import checkpoint as ckpt
-from paretomerge.modules.checkpoint import CheckpointError
-from paretomerge.preferences import equal_and_one_hots, preference_for
+from paretomerge.modules.checkpoint_hooks import CheckpointHooks
+from paretomerge.modules.evaluation import PerTaskEvaluation
+from paretomerge.modules.steps import check_finite_loss, split_batch
+from paretomerge.preferences import preference_for
 
 
-def compile_backend(compile_forward: bool | str) -> str | None:
-    """The ``torch.compile`` backend for the merged forward: False -> None (eager), True -> ``"inductor"``, or a
-    backend's name (``"aot_eager"``, ``"cudagraphs"``...)."""
-    if compile_forward is False or compile_forward is None:
-        return None
-    if compile_forward is True:
-        return "inductor"
-    import torch._dynamo
-
-    backends = torch._dynamo.list_backends(exclude_tags=())
-    if not isinstance(compile_forward, str) or compile_forward not in backends:
-        raise ValueError(f"compile_forward must be true, false or a torch.compile backend {backends}, "
-                         f"got {compile_forward!r}")
-    return compile_forward
-
-
-class MergingModule(L.LightningModule):
+class MergingModule(PerTaskEvaluation, CheckpointHooks, L.LightningModule):
     """Owns a `TaskVectors` (never registered, so never in ``state_dict``) and the coefficients λ ``[L, K]``.
 
     ``ties_top_k`` (None, or e.g. 0.2) TIES-preprocesses the task vectors when they are attached (SPEC §5): on
@@ -56,8 +41,10 @@ class MergingModule(L.LightningModule):
 
     #: whether ``at(γ)`` depends on γ (False: one model, the preference may be left out)
     preference_aware = True
+    #: task -> (images, labels or None) out of a training or evaluation batch; a subclass may read another format
+    split_batch = staticmethod(split_batch)
 
-    def __init__(self, lr: float, lambda_init: float, lambda_bounds: Sequence[float] | None, seed: int,
+    def __init__(self, lr: float, lambda_init: float, lambda_bounds: Sequence[float] | None,
                  ties_top_k: float | None = None, compile_forward: bool | str = False) -> None:
         super().__init__()
         self._compile_backend = compile_backend(compile_forward)
@@ -70,11 +57,9 @@ class MergingModule(L.LightningModule):
                 raise ValueError(f"lambda_bounds must be (low, high) with low < high, got {lambda_bounds!r}")
             if not lambda_bounds[0] <= lambda_init <= lambda_bounds[1]:
                 raise ValueError(f"lambda_init={lambda_init} lies outside lambda_bounds={tuple(lambda_bounds)}")
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.task_vectors: TaskVectors | None = None
         self.lambdas: nn.Parameter | None = None
-        self.accuracy = nn.ModuleDict()
+        self.accuracy = nn.ModuleDict()  # per-task metrics, built with λ (`PerTaskEvaluation._build_metrics`)
         self._base_cache: tuple[int, Tensor, dict[str, Tensor]] | None = None  # (id of τ, λ, base)
         self._basis: PreferenceBasis | None = None  # τ̃ where the coefficients depend on γ: built from τ, or a .ckpt's
         self._said_unrecorded = False  # the warning that a .ckpt needs backbone=/heads= to load is given once
@@ -112,15 +97,6 @@ class MergingModule(L.LightningModule):
     def _build_trainable(self, tv: TaskVectors) -> None:
         shape = (len(tv.layer_names), tv.num_tasks)
         self.lambdas = nn.Parameter(torch.full(shape, float(self.hparams.lambda_init), device=self.device))
-
-    def _build_metrics(self, tv: TaskVectors) -> None:
-        # Top-1 accuracy as the mean of correct predictions (torchmetrics syncs it across processes): it needs no class
-        # count, which a head only tells by its output (`_evaluate_step` checks the labels against that).
-        for stage in ("val", "test"):
-            self.accuracy[stage] = nn.ModuleList(
-                nn.ModuleList(MeanMetric() for _ in tv.task_names)
-                for _ in range(self.evaluation_preferences(tv.num_tasks).shape[0])
-            ).to(self.device)
 
     def _tv(self) -> TaskVectors:
         if self.task_vectors is None:
@@ -205,6 +181,26 @@ class MergingModule(L.LightningModule):
             offsets = None if basis is None else self.coefficients(gamma) - self.lambdas
             return merge(base, basis, offsets, self.deltas(gamma))
 
+    @torch.no_grad()
+    def base_parameters(self) -> dict[str, Tensor]:
+        """The preference-independent base θ0 + Σλτ of every merged layer (what a `.ckpt` and an export store).
+
+        Cached until λ's values change, new task vectors are attached or the module moves (the cache is dropped at
+        each training step, so training never holds it beside the merged weights). The dict is yours; the tensors
+        are shared with the cache: treat them as read-only.
+        """
+        tv = self._tv()
+        if not tv.has_task_vectors:
+            return tv.theta0
+        # `attach` and `_apply` drop the cache; the τ dict's identity catches a direct `task_vectors.to(...)`, and λ is
+        # compared by value because a fused optimizer updates it without bumping its version counter.
+        cached = self._base_cache
+        if cached is None or cached[0] != id(tv.tau) or not torch.equal(cached[1], self.lambdas):
+            self._base_cache = None  # free the old base before merging the new one
+            base = merge(tv.theta0, tv.tau, self.lambdas)
+            self._base_cache = (id(tv.tau), self.lambdas.detach().clone(), base)
+        return dict(self._base_cache[2])
+
     def forward(self, batch: Mapping[str, Tensor], gamma: Tensor | None = None) -> dict[str, Tensor]:
         """Logits per task for ``batch`` (task -> images) under θ(λ, γ)."""
         tv = self._tv()
@@ -237,15 +233,7 @@ class MergingModule(L.LightningModule):
         gamma = self.training_preference().to(self.device)
         parts = self.objective(self(images, gamma), gamma)
         loss, f = parts["loss"], parts["entropies"]
-        finite = bool(torch.isfinite(loss))
-        # Every process must stop together, or the others wait in the gradient all-reduce until a timeout.
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            where = f"at step {self.global_step}, preference {[round(x, 4) for x in gamma.tolist()]}"
-            if finite:
-                raise FloatingPointError(f"non-finite loss in another process {where} of this one; see its error")
-            bad = [t for t, v in zip(tv.task_names, f.tolist(), strict=True) if not math.isfinite(v)]
-            culprit = f"task entropy not finite for {bad}" if bad else "entropies are finite; a regulariser is not"
-            raise FloatingPointError(f"non-finite loss {loss.item()} {where}: {culprit}")
+        check_finite_loss(self.trainer.strategy, loss, f, tv.task_names, self.global_step, gamma)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in parts.items() if k not in ("loss", "entropies")})
         self.log("train/mean_entropy", f.mean())
@@ -263,186 +251,3 @@ class MergingModule(L.LightningModule):
         """Project λ into ``lambda_bounds`` (AdaMerging's rule), after every optimizer step."""
         if self.hparams.lambda_bounds is not None:
             self.lambdas.clamp_(*self.hparams.lambda_bounds)
-
-    @staticmethod
-    def split_batch(batch: Any, task_names: Sequence[str], stage: str) -> dict[str, tuple[Tensor, Tensor | None]]:
-        """task -> (images, labels or None) from a batch dict whose values are images or (images, labels, ...).
-
-        Training (``stage="train"``) needs every task; evaluation takes the tasks present (a ``None`` value is an
-        exhausted loader of ``CombinedLoader(..., mode="max_size")``) and needs labels.
-        """
-        if not isinstance(batch, Mapping):
-            raise TypeError(
-                f"{stage} batches must be dicts task -> images (train) or (images, labels) (val/test), got "
-                f"{type(batch).__name__}; return CombinedLoader({{task: loader}}) from the dataloader hook"
-            )
-        unknown = [t for t in batch if t not in task_names]
-        if unknown:
-            raise KeyError(f"the {stage} batch has tasks {unknown} that the model does not know ({list(task_names)})")
-        missing = [t for t in task_names if batch.get(t) is None]
-        if stage == "train" and missing:
-            raise KeyError(f"the training batch has no images for tasks {missing} (it has {list(batch)})")
-        out = {}
-        for task in task_names:
-            value = batch.get(task)
-            if value is None:
-                continue
-            images, labels = (value[0], value[1] if len(value) > 1 else None) if isinstance(value, (list, tuple)) \
-                else (value, None)
-            if stage != "train" and labels is None:
-                raise ValueError(f"the {stage} batch of task {task!r} has no labels; give (images, labels)")
-            out[task] = (images, labels)
-        return out
-
-    # ------------------------------------------------------------------ evaluation
-    def evaluation_preferences(self, num_tasks: int) -> Tensor:
-        """``[P, K]``: the equal preference and each one-hot."""
-        return equal_and_one_hots(num_tasks)
-
-    def preference_label(self, index: int) -> str:
-        return "equal" if index == 0 else f"onehot_{self.task_vectors.task_names[index - 1]}"
-
-    def _evaluate_step(self, batch: Mapping[str, Any], stage: str) -> None:
-        tv = self._tv()
-        labeled = self.split_batch(batch, tv.task_names, stage)
-        if not labeled:
-            return
-        images = {t: x for t, (x, _) in labeled.items()}
-        preferences = self.evaluation_preferences(tv.num_tasks).to(self.device)
-        for p, gamma in enumerate(preferences):
-            logits = self(images, gamma)
-            for k, task in enumerate(tv.task_names):
-                if task in labeled:
-                    labels = labeled[task][1]
-                    if p == 0:
-                        check_labels(logits[task], labels, task)
-                    self.accuracy[stage][p][k].update((logits[task].argmax(-1) == labels).float())
-
-    def _evaluate_epoch_end(self, stage: str) -> None:
-        tv = self._tv()
-        for p, row in enumerate(self.accuracy[stage]):
-            label = self.preference_label(p)
-            values = [metric.compute() for metric in row]  # torchmetrics gathers every process's counts here
-            # Already equal on every process; sync_dist averages equal values (a no-op) and keeps Lightning from
-            # warning that epoch-level values are unsynced under DDP.
-            for task, value in zip(tv.task_names, values, strict=True):
-                self.log(f"{stage}/acc/{label}/{task}", value, sync_dist=True)
-            self.log(f"{stage}/acc/{label}/mean", torch.stack(values).mean(), prog_bar=(p == 0), sync_dist=True)
-            for metric in row:
-                metric.reset()
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._evaluate_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._evaluate_epoch_end("val")
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._evaluate_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._evaluate_epoch_end("test")
-
-    # ------------------------------------------------------------------ checkpoints
-    @torch.no_grad()
-    def base_parameters(self) -> dict[str, Tensor]:
-        """The preference-independent base θ0 + Σλτ of every merged layer (what a `.ckpt` and an export store).
-
-        Cached until λ's values change, new task vectors are attached or the module moves (the cache is dropped at
-        each training step, so training never holds it beside the merged weights). The dict is yours; the tensors
-        are shared with the cache: treat them as read-only.
-        """
-        tv = self._tv()
-        if not tv.has_task_vectors:
-            return tv.theta0
-        # `attach` and `_apply` drop the cache; the τ dict's identity catches a direct `task_vectors.to(...)`, and λ is
-        # compared by value because a fused optimizer updates it without bumping its version counter.
-        cached = self._base_cache
-        if cached is None or cached[0] != id(tv.tau) or not torch.equal(cached[1], self.lambdas):
-            self._base_cache = None  # free the old base before merging the new one
-            base = merge(tv.theta0, tv.tau, self.lambdas)
-            self._base_cache = (id(tv.tau), self.lambdas.detach().clone(), base)
-        return dict(self._base_cache[2])
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        tv = self._tv()
-        missing = ckpt.unrecorded(tv)
-        if missing and not self._said_unrecorded:
-            self._said_unrecorded = True
-            loader = f"{type(self).__name__}.load_from_checkpoint"
-            rank_zero_warn(f"{type(self).__name__}: this checkpoint {ckpt.missing_modules_message(missing, loader)}")
-        checkpoint[ckpt.SECTION] = ckpt.pack(tv, self.base_parameters(), self.preference_basis())
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        section = ckpt.section_of(checkpoint)
-        if self.task_vectors is None:
-            state = checkpoint.get("state_dict") or {}
-            self.restore(section, loader=f"{type(self).__name__}.load_from_checkpoint",
-                         state_dtype=state["lambdas"].dtype if "lambdas" in state else None)
-            return
-        # resuming: the task vectors must be those the checkpoint was trained with, and the basis is the stored one
-        ckpt.check_compatible(ckpt.section_signature(section), self.task_vectors, "the checkpoint")
-        lambdas = checkpoint.get("state_dict", {}).get("lambdas")
-        if self.task_vectors.has_task_vectors and lambdas is not None:
-            ckpt.check_same_weights(section, self.task_vectors, lambdas)
-        self._restore_basis(section)
-
-    def restore(self, section: Mapping[str, Any], loader: str, backbone: nn.Module | None = None,
-                heads: Mapping[str, nn.Module] | None = None, state_dtype: torch.dtype | None = None) -> None:
-        """Rebuild from a `.ckpt`'s section (or an export's, `load_pareto_set`) in a process that has nothing else:
-        the base-only task vectors (``backbone``/``heads`` for what it could not record; in the dtype the base was
-        saved in) and the preference basis. λ, ω, G, A, B are made ``state_dtype`` (the dtype they were saved in) and
-        loaded after this, from the state dict."""
-        self.attach(ckpt.unpack(section, backbone, heads, loader=loader))
-        if state_dtype is not None:
-            for param in self.parameters():
-                param.data = param.data.to(state_dtype)
-        self._restore_basis(section)
-
-    def _restore_basis(self, section: Mapping[str, Any]) -> None:
-        # The stored basis, bit for bit: at(γ) after loading, and a resumed fit, use the formula the model trained with.
-        tv = self.task_vectors
-        self._basis = ckpt.unpack_basis(section, tv, self.hparams.get("basis_rank"))
-        if self.preference_conditioned and self._basis is None:
-            raise CheckpointError(f"{type(self).__name__} has preference-conditioned coefficients, but the checkpoint "
-                                  "holds no preference basis for them (written by the paper's configuration, or "
-                                  "damaged)")
-        if self._basis is not None and self.hparams.get("basis_rank") is None and tv.has_task_vectors:
-            # The full basis is τ: resuming keeps the task vectors (shared) once they are checked to be the stored ones.
-            for name, stored in self._basis.dense.items():
-                if not torch.equal(stored, tv.tau[name].to(stored.dtype)):
-                    raise CheckpointError(f"the task vectors differ from the ones this checkpoint was trained with "
-                                          f"(its full preference basis), first at layer {name!r}")
-            self._basis = None
-
-    @classmethod
-    def upgrade_hyperparameters(cls, stored: Mapping[str, Any]) -> dict[str, Any]:
-        """Stored hyperparameters with what a checkpoint written before a hyperparameter existed meant by it."""
-        return dict(stored)
-
-    @classmethod
-    def load_from_checkpoint(  # type: ignore[override]
-        cls,
-        checkpoint_path: Any,
-        map_location: Any = None,
-        hparams_file: Any = None,
-        strict: bool | None = None,
-        weights_only: bool = True,
-        backbone: nn.Module | None = None,
-        heads: Mapping[str, nn.Module] | None = None,
-        **kwargs: Any,
-    ):
-        """Lightning's loader, after checking the file; unpickles nothing but weights unless told to.
-
-        ``backbone`` and ``heads`` (task -> module) rebuild what the checkpoint could not record (a backbone or heads
-        that are not a recognised builder's: it says so at save, and loading without them names them): modules of
-        the same class and parameter shapes, whose weights are replaced by the checkpoint's (copies are loaded; the
-        modules given are left as they are). Other ``kwargs`` override hyperparameters, as in Lightning.
-        """
-        with ckpt.supplied_modules(backbone, heads):  # checks their types first
-            if not hasattr(checkpoint_path, "read"):
-                ckpt.inspect_checkpoint(checkpoint_path, weights_only=weights_only)
-            return super().load_from_checkpoint(
-                checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
-                weights_only=weights_only, **kwargs,
-            )

@@ -117,9 +117,11 @@ class ParetoMerging(MergingModule):
         basis_rank: int | float | None = DEFAULT_BASIS_RANK,
         omega_init: float | None = None,
     ) -> None:
-        super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, seed=seed, ties_top_k=ties_top_k,
+        super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, ties_top_k=ties_top_k,
                          compile_forward=compile_forward)
         self.save_hyperparameters(ignore=["task_vectors", "compile_forward"])  # a .ckpt loads eagerly
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         for name, value in (("alpha", alpha), ("mu", mu), ("eps", eps)):
