@@ -23,7 +23,8 @@ class _TaskVectorMerge(torch.autograd.Function):
 
     Against a per-layer ``tensordot`` then add, this reads τ once and writes the result once, and it keeps the
     per-layer autograd bookkeeping (an index node per row of ``c``, a node per layer) out of the step: measured in
-    benchmarks/README.md ("merge"). τ is saved as stored (a bf16 τ stays bf16), not as an upcast copy.
+    benchmarks/README.md ("Issue 8: the physical limit", §3). τ is saved as stored (a bf16 τ stays bf16), not as an
+    upcast copy.
     """
 
     @staticmethod
