@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-LOG_EVERY = 10.0  # seconds between two lines of the same stage in a log
+LOG_EVERY = 30.0  # seconds between two lines of the same stage in a log (a slow machine keeps a short log)
 
 
 def interactive() -> bool:
