@@ -1,12 +1,18 @@
-"""Front metrics (SPEC §4), all from pymoo: non-dominated filtering and hypervolume of accuracy fronts.
+"""Front metrics (SPEC §4, §3c), all from pymoo: non-dominated filtering, hypervolume, GD/IGD, win rate.
 
-Accuracy matrices are ``Acc [P, K]``: one row per evaluated model (preference), one column per task, to be
-maximised. pymoo minimises, so it sees ``-Acc``.
+A front is a matrix ``[P, K]`` of per-task scores: one row per evaluated model (preference), one column per task. A
+`Score` says what the numbers are and which way is better: `ACCURACY` (fractions, higher is better) or `LOSS`
+(nats per token, lower is better). pymoo minimises, so it sees ``-accuracy`` or the loss itself.
+
+The hypervolume is taken on each task's *gain* over a reference point: ``accuracy − reference`` (reference 0 unless
+said), or ``reference − loss`` (the reference is required for a loss: the pretrained model's per-task loss in every
+caller here), so a point worse than the reference on a task adds no volume.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,90 +21,173 @@ from pymoo.indicators.hv import HV
 from pymoo.indicators.igd import IGD
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
+Values = Sequence[Sequence[float]] | np.ndarray | torch.Tensor
 
-def _matrix(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> np.ndarray:
-    acc = accuracy.detach().cpu().numpy() if isinstance(accuracy, torch.Tensor) else np.asarray(accuracy)
+
+@dataclass(frozen=True)
+class Score:
+    """What a suite's ``evaluate`` returns per task: its ``name``, its direction, and how it is shown (``percent``:
+    fractions shown ×100 with ``unit`` "%"; ``perplexity``: a next-token loss that summary tables print as its
+    perplexity, exp(loss))."""
+
+    name: str
+    higher_is_better: bool
+    unit: str
+    percent: bool = False
+    perplexity: bool = False
+
+    @property
+    def sign(self) -> float:
+        """+1 where higher is better, −1 where lower is: ``sign · value`` is always to be maximised."""
+        return 1.0 if self.higher_is_better else -1.0
+
+    def shown(self, values: Values | float) -> np.ndarray:
+        """Values as tables and figures show them (accuracy in %, a loss as it is)."""
+        values = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+        return 100.0 * values if self.percent else values
+
+    def tabulated(self, values: Values | float) -> np.ndarray:
+        """Values as summary tables print them: accuracy in %, a next-token loss as its perplexity."""
+        return np.exp(self.shown(values)) if self.perplexity else self.shown(values)
+
+    @property
+    def tabulated_name(self) -> str:
+        """What `tabulated` values are: ``accuracy (%)`` or ``perplexity``."""
+        return "perplexity" if self.perplexity else f"{self.name} ({self.unit})"
+
+    def label(self, task: str | None = None) -> str:
+        """An axis label: ``"digit accuracy (%)"``, ``"fr loss (nats/token)"``."""
+        return f"{task + ' ' if task else ''}{self.name} ({self.unit})"
+
+    def gains(self, values: Values, reference: Sequence[float] | np.ndarray | float | None = None) -> np.ndarray:
+        """``sign · (values − reference)`` per task: how much better than the reference each point is (negative where
+        worse). The reference defaults to 0 for a score where higher is better and is required otherwise."""
+        values = _matrix(values, self)
+        if reference is None:
+            if not self.higher_is_better:
+                raise ValueError(f"a {self.name} front needs a reference point (e.g. the pretrained model's per-task "
+                                 f"{self.name}): lower is better, so there is no natural zero")
+            reference = 0.0
+        reference = np.broadcast_to(np.asarray(reference, dtype=np.float64), (values.shape[1],))
+        if not np.isfinite(reference).all():
+            raise ValueError(f"the reference point must be finite, got {reference.tolist()}")
+        return self.sign * (values - reference)
+
+    def better(self, a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
+        """Elementwise: whether ``a`` is strictly better than ``b``."""
+        return self.sign * np.asarray(a, dtype=np.float64) > self.sign * np.asarray(b, dtype=np.float64)
+
+
+ACCURACY = Score("accuracy", higher_is_better=True, unit="%", percent=True)
+LOSS = Score("loss", higher_is_better=False, unit="nats/token", perplexity=True)
+SCORES = {score.name: score for score in (ACCURACY, LOSS)}
+
+
+def score_of(datamodule: object) -> Score:
+    """The score a suite's ``evaluate`` returns: its ``score`` attribute, accuracy where it declares none."""
+    score = getattr(datamodule, "score", ACCURACY)
+    if not isinstance(score, Score):
+        raise TypeError(f"{type(datamodule).__name__}.score must be a paretomerge.pareto.Score, got {score!r}")
+    return score
+
+
+def _matrix(values: Values, score: Score = ACCURACY) -> np.ndarray:
+    acc = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     acc = acc.astype(np.float64)
+    front = f"{'an' if score.name[0] in 'aeiou' else 'a'} {score.name} front"
     if acc.ndim != 2 or acc.shape[0] < 1 or acc.shape[1] < 2:
-        raise ValueError(f"an accuracy front must be [P >= 1, K >= 2], got shape {acc.shape}")
-    if not np.isfinite(acc).all() or (acc < 0).any():
-        raise ValueError("an accuracy front must hold finite non-negative values")
+        raise ValueError(f"{front} must be [P >= 1, K >= 2], got shape {acc.shape}")
+    if not np.isfinite(acc).all():
+        raise ValueError(f"{front} must hold finite values")
+    if score.percent and (acc < 0).any():
+        raise ValueError(f"{front} must hold non-negative values")
     return acc
 
 
-def non_dominated(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> np.ndarray:
-    """Row indices of the non-dominated points of ``Acc [P, K]`` (maximisation)."""
-    return np.sort(NonDominatedSorting().do(-_matrix(accuracy), only_non_dominated_front=True))
+def _minimised(values: Values, score: Score) -> np.ndarray:
+    """What pymoo minimises: ``−accuracy``, or the loss."""
+    return -score.sign * _matrix(values, score)
 
 
-def hypervolume(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
-                scale: Sequence[float] | np.ndarray | None = None) -> float:
-    """Hypervolume of ``Acc [P, K]`` under maximisation with reference point 0.
+def non_dominated(values: Values, score: Score = ACCURACY) -> np.ndarray:
+    """Row indices of the non-dominated points of ``[P, K]`` scores."""
+    return np.sort(NonDominatedSorting().do(_minimised(values, score), only_non_dominated_front=True))
 
-    scale: optional per-task divisor ``[K]`` (e.g. the individual models' accuracies, for the normalised HV).
-    Dominated points add nothing, so all rows may be passed.
+
+def hypervolume(values: Values, scale: Sequence[float] | np.ndarray | None = None, score: Score = ACCURACY,
+                reference: Sequence[float] | np.ndarray | None = None) -> float:
+    """Hypervolume of the per-task gains over ``reference`` (`Score.gains`: accuracy − 0 by default; for a loss,
+    reference − loss, with ``reference [K]`` required), under maximisation with the reference point at 0.
+
+    scale: optional per-task divisor of the gains ``[K]`` (e.g. the individual models' own gains, `individual_gains`,
+    for the normalised HV). Dominated points, and points worse than the reference, add nothing, so all rows may be
+    passed.
     """
-    acc = _matrix(accuracy)
+    gains = np.clip(score.gains(values, reference), 0.0, None)
     if scale is not None:
         scale = np.asarray(scale, dtype=np.float64)
-        if scale.shape != (acc.shape[1],) or not (scale > 0).all():
-            raise ValueError(f"scale must be [K={acc.shape[1]}] positive values, got {scale!r}")
-        acc = acc / scale
-    return float(HV(ref_point=np.zeros(acc.shape[1]))(-acc))
+        if scale.shape != (gains.shape[1],) or not (scale > 0).all():
+            raise ValueError(f"scale must be [K={gains.shape[1]}] positive values, got {scale!r}")
+        gains = gains / scale
+    return float(HV(ref_point=np.zeros(gains.shape[1]))(-gains))
 
 
-def preference_weighted_sum(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
-                            preferences: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> np.ndarray:
-    """``[P]``: ``Σ_k p_k · Acc[p, k]`` for each preference row (MAP Table 4), preferences normalised to sum 1.
+def individual_gains(individual: Sequence[float] | np.ndarray, score: Score = ACCURACY,
+                     reference: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
+    """``[K]``: each individual model's gain over the reference on its own task, the normalised hypervolume's scale
+    (the individual accuracy itself for accuracy with reference 0)."""
+    return score.gains(np.asarray(individual, dtype=np.float64).reshape(1, -1), reference)[0]
 
-    accuracy: ``[P, K]``, row p the accuracies of the model a method gives for preference p (a single-model
-    method repeats its one row). preferences: ``[P, K]``, non-negative with positive row sums.
+
+def preference_weighted_sum(values: Values, preferences: Values, score: Score = ACCURACY) -> np.ndarray:
+    """``[P]``: ``Σ_k p_k · value[p, k]`` for each preference row (MAP Table 4), preferences normalised to sum 1.
+
+    values: ``[P, K]``, row p the scores of the model a method gives for preference p (a single-model method repeats
+    its one row). preferences: ``[P, K]``, non-negative with positive row sums. Higher is better for accuracy, lower
+    for a loss.
     """
-    acc = _matrix(accuracy)
+    acc = _matrix(values, score)
     prefs = np.asarray(preferences.detach().cpu() if isinstance(preferences, torch.Tensor) else preferences,
                        dtype=np.float64)
     if prefs.shape != acc.shape:
-        raise ValueError(f"preferences {prefs.shape} and accuracies {acc.shape} must both be [P, K]")
+        raise ValueError(f"preferences {prefs.shape} and scores {acc.shape} must both be [P, K]")
     if not np.isfinite(prefs).all() or (prefs < 0).any() or not (prefs.sum(1) > 0).all():
         raise ValueError("preferences must be finite, non-negative, with a positive sum per row")
     return (prefs / prefs.sum(1, keepdims=True) * acc).sum(1)
 
 
-def _against_reference(indicator: type, accuracy, reference) -> float:
-    acc, ref = _matrix(accuracy), _matrix(reference)
-    if acc.shape[1] != ref.shape[1]:
-        raise ValueError(f"front and reference must have the same K, got {acc.shape[1]} and {ref.shape[1]}")
-    return float(indicator(-ref)(-acc))
+def _against_reference(indicator: type, values: Values, reference: Values, score: Score) -> float:
+    front, ref = _minimised(values, score), _minimised(reference, score)
+    if front.shape[1] != ref.shape[1]:
+        raise ValueError(f"front and reference must have the same K, got {front.shape[1]} and {ref.shape[1]}")
+    return float(indicator(ref)(front))
 
 
-def generational_distance(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
-                          reference: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> float:
-    """GD of the front ``Acc [P, K]`` to a reference front ``[Q, K]`` (e.g. a dense grid search): the mean distance
-    from each point to its nearest reference point (pymoo ``GD`` on ``−Acc``)."""
-    return _against_reference(GD, accuracy, reference)
+def generational_distance(values: Values, reference: Values, score: Score = ACCURACY) -> float:
+    """GD of the front ``[P, K]`` to a reference front ``[Q, K]`` (e.g. a dense grid search): the mean distance from
+    each point to its nearest reference point (pymoo ``GD``), in the score's units."""
+    return _against_reference(GD, values, reference, score)
 
 
-def inverted_generational_distance(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
-                                   reference: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> float:
-    """IGD: the mean distance from each reference point to its nearest front point (pymoo ``IGD`` on ``−Acc``)."""
-    return _against_reference(IGD, accuracy, reference)
+def inverted_generational_distance(values: Values, reference: Values, score: Score = ACCURACY) -> float:
+    """IGD: the mean distance from each reference point to its nearest front point (pymoo ``IGD``)."""
+    return _against_reference(IGD, values, reference, score)
 
 
-def win_rate(accuracy_a: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
-             accuracy_b: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> float:
-    """MAP paper §4.1: the share of (point of A, point of B, task) triples where A's accuracy is higher,
-    ``(1/(P·Q·K)) Σ_i Σ_j Σ_k 1[A[i,k] > B[j,k]]`` (SPEC §4 writes P² for fronts of equal size)."""
-    a, b = _matrix(accuracy_a), _matrix(accuracy_b)
+def win_rate(values_a: Values, values_b: Values, score: Score = ACCURACY) -> float:
+    """MAP paper §4.1: the share of (point of A, point of B, task) triples where A's score is better,
+    ``(1/(P·Q·K)) Σ_i Σ_j Σ_k 1[A[i,k] better than B[j,k]]`` (SPEC §4 writes P² for fronts of equal size)."""
+    a, b = _matrix(values_a, score), _matrix(values_b, score)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"fronts must have the same K, got {a.shape[1]} and {b.shape[1]}")
-    return float((a[:, None, :] > b[None, :, :]).mean())
+    return float(score.better(a[:, None, :], b[None, :, :]).mean())
 
 
-def front_spread(accuracy: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> float:
-    """Diversity of a front: the mean over tasks of the range (max − min) of the non-dominated points' accuracies.
+def front_spread(values: Values, score: Score = ACCURACY) -> float:
+    """Diversity of a front: the mean over tasks of the range (max − min) of the non-dominated points' scores.
 
-    0 when the front is a single point (every preference gives the same trade-off); in accuracy units.
+    0 when the front is a single point (every preference gives the same trade-off); in the score's units.
     """
-    acc = _matrix(accuracy)
-    front = acc[non_dominated(acc)]
+    acc = _matrix(values, score)
+    front = acc[non_dominated(acc, score)]
     return float((front.max(0) - front.min(0)).mean())
