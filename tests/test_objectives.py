@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from paretomerge.objectives import (
     cosine_alignment,
     entropy,
-    entropy_objective,
     frobenius_penalty,
     linear_scalarization,
     marginal_divergence,
     smooth_tchebycheff,
+    task_objectives,
 )
 
 finite = st.floats(min_value=0.0, max_value=10.0, allow_nan=False)
@@ -108,8 +108,8 @@ def test_the_entropy_objective_is_one_switch_with_the_same_meaning_everywhere():
     logits = {"task0": torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), "task1": torch.zeros(2, 4),
               "task2": torch.tensor([[0.0, 0.0, 0.0, 0.0, 9.0], [0.0, 0.0, 0.0, 0.0, 9.0]])}
     gamma = torch.tensor([0.5, 0.3, 0.2])
-    div = float(entropy_objective(logits, tv.task_names, 1.0)["div"])
-    assert div > 0.5 and "div" not in entropy_objective(logits, tv.task_names)
+    div = float(task_objectives(logits, tv.task_names, "entropy", 1.0)["div"])
+    assert div > 0.5 and "div" not in task_objectives(logits, tv.task_names)
     for module in (AdaMerging(task_vectors=tv), AdaMerging(task_vectors=tv, preference=[0.5, 0.3, 0.2]),
                    AdaMerging(task_vectors=tv, granularity="task"), AdaMerging(task_vectors=tv, ties_top_k=0.2),
                    ParetoMerging(task_vectors=tv, rank=4, beta_div=0),

@@ -225,9 +225,9 @@ def test_gamma_is_drawn_per_global_step_and_rank(tmp_path, monkeypatch):
     seen = []
     objective = model.objective
 
-    def spy(logits, gamma):
+    def spy(logits, gamma, inputs=None):
         seen.append(gamma.clone())
-        return objective(logits, gamma)
+        return objective(logits, gamma, inputs)
 
     monkeypatch.setattr(model, "objective", spy)
     monkeypatch.setattr(ParetoMerging, "global_rank", property(lambda self: 3))

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from paretomerge.kernels.basis import PreferenceBasis
+from paretomerge.kernels.inputs import Inputs, arguments, concatenate, separate
 
 
 class _TaskVectorMerge(torch.autograd.Function):
@@ -166,15 +167,19 @@ def _merge(theta0: Mapping[str, Tensor], names: list[str], tau: Mapping[str, Ten
 
 
 def features_of(output: Any) -> Tensor:
-    """A backbone's features: its output when that is a tensor, or a Hugging Face output's ``pooler_output``
-    (a ``CLIPVisionModel``'s pooled, layer-normed class token, as FusionBench's CLIP heads read it)."""
+    """A backbone's output as the tensor the heads read: the output itself when it is a tensor, a Hugging Face
+    vision output's ``pooler_output`` (a ``CLIPVisionModel``'s pooled, layer-normed class token, as FusionBench's CLIP
+    heads read it), or a Hugging Face causal LM's ``logits [B, T, V]`` (whose heads are identities)."""
     if isinstance(output, Tensor):
         return output
-    if isinstance(output, Mapping) and isinstance(output.get("pooler_output"), Tensor):
-        return output["pooler_output"]
+    if isinstance(output, Mapping):
+        for key in ("pooler_output", "logits"):
+            if isinstance(output.get(key), Tensor):
+                return output[key]
     raise TypeError(
         f"the backbone returned a {type(output).__name__}; a backbone must return its features as a tensor [B, D] "
-        "(or a Hugging Face output with pooler_output): wrap it in an nn.Module whose forward returns the features"
+        "(or a Hugging Face output with pooler_output or logits): wrap it in an nn.Module whose forward returns the "
+        "features"
     )
 
 
@@ -201,9 +206,10 @@ def check_labels(logits: Tensor, labels: Tensor, task: str | None = None) -> Non
                          f"{logits.shape[-1]} classes (logits {tuple(logits.shape)}); is it the right head?")
 
 
-def forward_features(backbone: nn.Module, params: Mapping[str, Tensor], images: Tensor) -> Tensor:
-    """Run ``backbone`` with ``params`` substituted for its own (buffers are its own); its features (`features_of`)."""
-    return features_of(torch.func.functional_call(backbone, dict(params), (images,)))
+def forward_features(backbone: nn.Module, params: Mapping[str, Tensor], inputs: Inputs) -> Tensor:
+    """Run ``backbone`` on ``inputs`` (images, or a token batch: `kernels.inputs`) with ``params`` substituted for its
+    own (buffers are its own; a tied weight follows its twin); its features (`features_of`: a causal LM's logits)."""
+    return features_of(torch.func.functional_call(backbone, dict(params), *arguments(backbone, inputs)))
 
 
 def forward_features_many(backbone: nn.Module, params: Mapping[str, Tensor], images: Tensor) -> Tensor:
@@ -244,19 +250,20 @@ def forward_tasks(
     backbone: nn.Module,
     heads: Mapping[str, nn.Module],
     params: Mapping[str, Tensor],
-    batch: Mapping[str, Tensor],
+    batch: Mapping[str, Inputs],
     compile_backend: str | None = None,
 ) -> dict[str, Tensor]:
-    """Logits per task: one backbone call over the concatenated task batches, then each task's head.
+    """Outputs per task: one backbone call over the concatenated task batches, then each task's head.
 
-    batch: task -> images ``[B_k, C, H, W]``. Returns task -> logits ``[B_k, C_k]``. ``compile_backend`` (e.g.
-    ``"inductor"``) runs the backbone through `compiled_forward_features`; None runs it eagerly.
+    batch: task -> images ``[B_k, C, H, W]`` or a token batch (`kernels.inputs`). Returns task -> logits ``[B_k, C_k]``
+    (a causal LM: ``[B_k, T_k, V]``). ``compile_backend`` (e.g. ``"inductor"``) runs the backbone through
+    `compiled_forward_features`; None runs it eagerly.
     """
     tasks = list(batch)
-    sizes = [batch[t].shape[0] for t in tasks]
+    inputs, sizes, lengths = concatenate([batch[t] for t in tasks])
     run = compiled_forward_features(compile_backend) if compile_backend else forward_features
-    features = run(backbone, dict(params), torch.cat([batch[t] for t in tasks]))
-    return {t: run_head(t, heads[t], f) for t, f in zip(tasks, features.split(sizes), strict=True)}
+    features = run(backbone, dict(params), inputs)
+    return {t: run_head(t, heads[t], f) for t, f in zip(tasks, separate(features, sizes, lengths), strict=True)}
 
 
 def select_model(params: Mapping[str, Tensor], index: int) -> dict[str, Tensor]:

@@ -17,9 +17,10 @@ from torch import Tensor, nn
 
 # The attention projections, as open_clip and torchvision name them (nn.MultiheadAttention: `attn.in_proj_weight`
 # [3d, d], `attn.out_proj.weight` [d, d]; torchvision's module is `self_attention`), and Hugging Face CLIP
-# (`self_attn.q_proj.weight`, k, v, out) and timm (`attn.qkv.weight`, `attn.proj.weight`).
+# (`self_attn.q_proj.weight`, k, v, out), Hugging Face Llama-family causal LMs (`self_attn.q_proj.weight`, k, v, o)
+# and timm (`attn.qkv.weight`, `attn.proj.weight`).
 DEFAULT_TARGETS = (r"(^|\.)(attn\.(in_proj_weight|out_proj\.weight|qkv\.weight|proj\.weight)"
-                   r"|self_attention\.(in_proj_weight|out_proj\.weight)|self_attn\.(q|k|v|out)_proj\.weight)$")
+                   r"|self_attention\.(in_proj_weight|out_proj\.weight)|self_attn\.(q|k|v|o|out)_proj\.weight)$")
 
 
 def select_targets(params: Mapping[str, Tensor], pattern: str) -> dict[str, tuple[int, ...]]:

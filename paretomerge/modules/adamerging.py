@@ -12,7 +12,7 @@ from torch import Tensor
 
 from paretomerge.kernels import TaskVectors
 from paretomerge.modules.base import MergingModule
-from paretomerge.objectives import check_beta_div, entropy_objective, linear_scalarization
+from paretomerge.objectives import check_beta_div, linear_scalarization
 from paretomerge.preferences import validate_preference
 
 GRANULARITIES = ("layer", "task")
@@ -22,7 +22,8 @@ RETIRED_HYPERPARAMETERS = ("seed",)
 
 
 class AdaMerging(MergingModule):
-    """Learns λ by minimising ``Σ_k f_k`` (or ``Σ_k γ_k f_k`` for a fixed ``preference``), f_k the mean entropy.
+    """Learns λ by minimising ``Σ_k f_k`` (or ``Σ_k γ_k f_k`` for a fixed ``preference``), f_k the mean entropy (or a
+    language model's next-token loss).
 
     Args:
         task_vectors: a `TaskVectors`; if None, ``trainer.datamodule.task_vectors()`` is used in ``setup``.
@@ -31,8 +32,11 @@ class AdaMerging(MergingModule):
         lr, lambda_init, lambda_bounds: Adam's learning rate, the start value of λ, and its clamp after each step.
         ties_top_k: TIES-preprocess the task vectors keeping this fraction of each (AdaMerging++ uses 0.2).
         compile_forward: run the merged forward through ``torch.compile`` (True: inductor; or a backend's name).
-        beta_div: the diversity term of the shared entropy objective (`objectives.entropy_objective`), β_div ·
+        beta_div: the diversity term of the shared entropy objective (`objectives.task_objectives`), β_div ·
             Σ_k KL(p̄_k ‖ uniform), as in `ParetoMerging`; 0 (the default) is AdaMerging as published.
+        objective: each task's f_k, as in `ParetoMerging`: ``"entropy"``, ``"loss"`` (a language model's next-token
+            loss: FusionBench's AdaMerging for Llama minimises the summed LM loss), or None (loss for token batches,
+            entropy for images).
 
     ``at()`` needs no preference: the model is the same for every γ (one given is validated, then ignored).
     """
@@ -50,9 +54,10 @@ class AdaMerging(MergingModule):
         ties_top_k: float | None = None,
         compile_forward: bool | str = False,
         beta_div: float = 0.0,
+        objective: str | None = None,
     ) -> None:
         super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, ties_top_k=ties_top_k,
-                         compile_forward=compile_forward)
+                         compile_forward=compile_forward, objective=objective)
         check_beta_div(beta_div)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -82,11 +87,12 @@ class AdaMerging(MergingModule):
             return torch.full((num_tasks,), 1.0 / num_tasks)
         return validate_preference(self.hparams.preference, num_tasks)
 
-    def objective(self, logits: Mapping[str, Tensor], gamma: Tensor) -> dict[str, Tensor]:
+    def objective(self, logits: Mapping[str, Tensor], gamma: Tensor,
+                  inputs: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
         """``Σ_k f_k``, or ``Σ_k γ_k f_k`` with a fixed preference; plus ``β_div · Σ_k KL(p̄_k ‖ uniform)`` where
-        ``beta_div`` > 0."""
-        parts = entropy_objective(logits, self._tv().task_names, self.hparams.beta_div)
-        f = parts["entropies"]
+        ``beta_div`` > 0 (classifiers)."""
+        parts = self.task_objectives(logits, inputs)
+        f = parts["f"]
         weights = gamma if self.hparams.preference is not None else torch.ones_like(f)
         return {"loss": linear_scalarization(f, weights.to(f)) + parts.pop("penalty", 0.0), **parts}
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from paretomerge.kernels import (
@@ -24,11 +25,13 @@ from paretomerge.kernels import (
     materialize,
     merge,
 )
+from paretomerge.kernels.inputs import Inputs, is_tokens
 from paretomerge.kernels.sparsify import check_fraction
 from paretomerge.modules import checkpoint as ckpt
 from paretomerge.modules.checkpoint_hooks import CheckpointHooks
 from paretomerge.modules.evaluation import PerTaskEvaluation
 from paretomerge.modules.steps import check_finite_loss, split_batch
+from paretomerge.objectives import check_objective, resolve_objective, task_objectives
 from paretomerge.preferences import preference_for
 
 
@@ -36,7 +39,9 @@ class MergingModule(PerTaskEvaluation, CheckpointHooks, L.LightningModule):
     """Owns a `TaskVectors` (never registered, so never in ``state_dict``) and the coefficients λ ``[L, K]``.
 
     ``ties_top_k`` (None, or e.g. 0.2) TIES-preprocesses the task vectors when they are attached (SPEC §5): on
-    `ParetoMerging` that is Pareto Merging++, on `AdaMerging` it is AdaMerging++.
+    `ParetoMerging` that is Pareto Merging++, on `AdaMerging` it is AdaMerging++. ``objective`` is each task's f_k:
+    ``"entropy"``, ``"loss"`` (a language model's next-token loss), or None for the batch's default (loss for token
+    batches, entropy for images: `objectives.resolve_objective`).
     """
 
     #: whether ``at(γ)`` depends on γ (False: one model, the preference may be left out)
@@ -45,9 +50,11 @@ class MergingModule(PerTaskEvaluation, CheckpointHooks, L.LightningModule):
     split_batch = staticmethod(split_batch)
 
     def __init__(self, lr: float, lambda_init: float, lambda_bounds: Sequence[float] | None,
-                 ties_top_k: float | None = None, compile_forward: bool | str = False) -> None:
+                 ties_top_k: float | None = None, compile_forward: bool | str = False,
+                 objective: str | None = None) -> None:
         super().__init__()
         self._compile_backend = compile_backend(compile_forward)
+        check_objective(objective)
         if ties_top_k is not None:
             check_fraction("ties_top_k (the fraction of each task vector TIES keeps)", ties_top_k, allow_one=True)
         if not (isinstance(lr, (int, float)) and lr > 0):
@@ -63,6 +70,7 @@ class MergingModule(PerTaskEvaluation, CheckpointHooks, L.LightningModule):
         self._base_cache: tuple[int, Tensor, dict[str, Tensor]] | None = None  # (id of τ, λ, base)
         self._basis: PreferenceBasis | None = None  # τ̃ where the coefficients depend on γ: built from τ, or a .ckpt's
         self._said_unrecorded = False  # the warning that a .ckpt needs backbone=/heads= to load is given once
+        self._said_unused_div = False  # the warning that β_div does not act on token batches is given once
 
     # ------------------------------------------------------------------ task vectors and trainables
     def attach(self, task_vectors: TaskVectors) -> None:
@@ -201,8 +209,8 @@ class MergingModule(PerTaskEvaluation, CheckpointHooks, L.LightningModule):
             self._base_cache = (id(tv.tau), self.lambdas.detach().clone(), base)
         return dict(self._base_cache[2])
 
-    def forward(self, batch: Mapping[str, Tensor], gamma: Tensor | None = None) -> dict[str, Tensor]:
-        """Logits per task for ``batch`` (task -> images) under θ(λ, γ)."""
+    def forward(self, batch: Mapping[str, Inputs], gamma: Tensor | None = None) -> dict[str, Tensor]:
+        """Logits per task for ``batch`` (task -> images or a token batch) under θ(λ, γ)."""
         tv = self._tv()
         return forward_tasks(tv.backbone, tv.heads, self.merged_parameters(gamma), batch, self._compile_backend)
 
@@ -222,21 +230,40 @@ class MergingModule(PerTaskEvaluation, CheckpointHooks, L.LightningModule):
         """γ ``[K]`` for the current step."""
         raise NotImplementedError
 
-    def objective(self, logits: Mapping[str, Tensor], gamma: Tensor) -> dict[str, Tensor]:
-        """The loss (key ``loss``), per-task mean entropies (``entropies [K]``) and other scalars to log."""
+    def objective(self, logits: Mapping[str, Tensor], gamma: Tensor,
+                  inputs: Mapping[str, Inputs] | None = None) -> dict[str, Tensor]:
+        """The loss (key ``loss``), per-task objectives (``f [K]``) and other scalars to log; ``inputs`` (task -> the
+        batch the logits came from) hold a language model's targets."""
         raise NotImplementedError
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+    def objective_name(self, inputs: Mapping[str, Inputs] | None) -> str:
+        """Each task's f_k for these batches: the ``objective`` asked for, else the batches' default
+        (`objectives.resolve_objective`)."""
+        first = next(iter(inputs.values())) if inputs else None
+        return resolve_objective(self.hparams.get("objective"), first)
+
+    def task_objectives(self, logits: Mapping[str, Tensor], inputs: Mapping[str, Inputs] | None) -> dict[str, Tensor]:
+        """``f [K]`` (and the diversity term where it applies) of the module's objective (`objectives.task_objectives`,
+        shared by every method)."""
+        beta_div = self.hparams.get("beta_div", 0.0)
+        if beta_div > 0 and inputs and any(is_tokens(x) for x in inputs.values()) and not self._said_unused_div:
+            self._said_unused_div = True
+            rank_zero_warn(f"{type(self).__name__}: beta_div={beta_div} is not applied to token batches: the diversity "
+                           "term keeps a classifier's entropy minimisation from collapsing a task onto one class, and "
+                           "a language model's next-token objective has no classes to collapse onto; set beta_div=0")
+        return task_objectives(logits, self._tv().task_names, self.objective_name(inputs), beta_div, inputs)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         tv = self._tv()
         self._base_cache = None  # λ is about to change; do not hold a stale base beside the merged weights
-        images = {t: x for t, (x, _) in self.split_batch(batch, tv.task_names, "train").items()}
+        inputs = {t: x for t, (x, _) in self.split_batch(batch, tv.task_names, "train").items()}
         gamma = self.training_preference().to(self.device)
-        parts = self.objective(self(images, gamma), gamma)
-        loss, f = parts["loss"], parts["entropies"]
+        parts = self.objective(self(inputs, gamma), gamma, inputs)
+        loss, f = parts["loss"], parts["f"]
         check_finite_loss(self.trainer.strategy, loss, f, tv.task_names, self.global_step, gamma)
         self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in parts.items() if k not in ("loss", "entropies")})
-        self.log("train/mean_entropy", f.mean())
+        self.log_dict({f"train/{k}": v for k, v in parts.items() if k not in ("loss", "f")})
+        self.log(f"train/mean_{self.objective_name(inputs)}", f.mean())
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

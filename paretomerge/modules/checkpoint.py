@@ -89,7 +89,7 @@ def pack(task_vectors: TaskVectors, base: Mapping[str, Tensor], basis: Preferenc
     preference basis τ̃ that c(γ) − λ multiplies, `PreferenceBasis.state`) is kept when the model's coefficients
     depend on the preference: ``at(γ)`` adds Σ_k (c_k(γ) − λ_k) τ̃_k to the base."""
     state = {name: t.detach().cpu() for name, t in task_vectors.backbone.state_dict().items()}
-    state.update({name: t.detach().cpu() for name, t in base.items()})
+    state.update({name: base[layer].detach().cpu() for name, layer in _tied_names(task_vectors.backbone, base)})
     section = {
         "format": FORMAT,
         "task_names": list(task_vectors.task_names),
@@ -107,6 +107,15 @@ def pack(task_vectors: TaskVectors, base: Mapping[str, Tensor], basis: Preferenc
     if basis is not None:
         section["preference_basis"] = basis.state()
     return section
+
+
+def _tied_names(backbone: nn.Module, base: Mapping[str, Tensor]) -> list[tuple[str, str]]:
+    """``(state-dict name, merged layer)`` for every name of a merged layer, its tied aliases included (a causal LM's
+    ``lm_head.weight`` is ``model.embed_tokens.weight``): the stored base gives every alias the merged value, so that
+    loading, which writes them in turn into one tensor, cannot leave θ0's value in it."""
+    layer_of = {id(p): name for name, p in backbone.named_parameters() if name in base}
+    return [(name, layer_of[id(p)]) for name, p in backbone.named_parameters(remove_duplicate=False)
+            if id(p) in layer_of]
 
 
 def section_of(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:

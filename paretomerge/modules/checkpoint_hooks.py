@@ -26,6 +26,10 @@ class CheckpointHooks:
             loader = f"{type(self).__name__}.load_from_checkpoint"
             rank_zero_warn(f"{type(self).__name__}: this checkpoint {ckpt.missing_modules_message(missing, loader)}")
         checkpoint[ckpt.SECTION] = ckpt.pack(tv, self.base_parameters(), self.preference_basis())
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None:  # what `paretomerge front` and `export` rebuild to evaluate or take a tokenizer
+            cls = type(datamodule)
+            checkpoint[ckpt.SECTION]["datamodule_class"] = f"{cls.__module__}.{cls.__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         section = ckpt.section_of(checkpoint)

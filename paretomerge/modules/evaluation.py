@@ -1,5 +1,7 @@
-"""Per-task evaluation of a merging module: top-1 accuracy of every task at a few preferences, as torchmetrics, in the
-validation and test loops. Logged as ``{stage}/acc/{preference label}/{task}`` and ``.../mean``."""
+"""Per-task evaluation of a merging module at a few preferences, as torchmetrics, in the validation and test loops:
+top-1 accuracy for labeled images, logged as ``{stage}/acc/{preference label}/{task}`` and ``.../mean``; for a
+language model's token batches, the next-token loss (nats per token, averaged over tokens), logged as
+``{stage}/loss/...``."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from paretomerge.kernels import TaskVectors, check_labels
+from paretomerge.kernels.inputs import is_tokens
+from paretomerge.objectives import next_token_loss_sum
 from paretomerge.preferences import equal_and_one_hots
 
 
@@ -18,7 +22,8 @@ class PerTaskEvaluation:
     """Mixed into `MergingModule` (a LightningModule): uses its ``accuracy`` (an ``nn.ModuleDict``), ``_tv()``,
     ``split_batch`` and forward ``self(images, γ)``."""
 
-    accuracy: nn.ModuleDict
+    accuracy: nn.ModuleDict  # stage -> [preference][task] MeanMetric: accuracy, or a language model's loss
+    _evaluated = "acc"  # what the last evaluation step measured: "acc" or "loss"
 
     def evaluation_preferences(self, num_tasks: int) -> Tensor:
         """``[P, K]``: the equal preference and each one-hot."""
@@ -41,16 +46,25 @@ class PerTaskEvaluation:
         labeled = self.split_batch(batch, tv.task_names, stage)
         if not labeled:
             return
-        images = {t: x for t, (x, _) in labeled.items()}
+        inputs = {t: x for t, (x, _) in labeled.items()}
+        tokens = any(is_tokens(x) for x in inputs.values())
+        self._evaluated = "loss" if tokens else "acc"
         preferences = self.evaluation_preferences(tv.num_tasks).to(self.device)
         for p, gamma in enumerate(preferences):
-            logits = self(images, gamma)
+            logits = self(inputs, gamma)
             for k, task in enumerate(tv.task_names):
-                if task in labeled:
-                    labels = labeled[task][1]
-                    if p == 0:
-                        check_labels(logits[task], labels, task)
-                    self.accuracy[stage][p][k].update((logits[task].argmax(-1) == labels).float())
+                if task not in labeled:
+                    continue
+                metric = self.accuracy[stage][p][k]
+                if tokens:  # the mean over every predicted token of the split, not over batches
+                    total, count = next_token_loss_sum(logits[task], inputs[task])
+                    if count:
+                        metric.update(total / count, weight=count)
+                    continue
+                labels = labeled[task][1]
+                if p == 0:
+                    check_labels(logits[task], labels, task)
+                metric.update((logits[task].argmax(-1) == labels).float())
 
     def _evaluate_epoch_end(self, stage: str) -> None:
         tv = self._tv()
@@ -60,8 +74,9 @@ class PerTaskEvaluation:
             # Already equal on every process; sync_dist averages equal values (a no-op) and keeps Lightning from
             # warning that epoch-level values are unsynced under DDP.
             for task, value in zip(tv.task_names, values, strict=True):
-                self.log(f"{stage}/acc/{label}/{task}", value, sync_dist=True)
-            self.log(f"{stage}/acc/{label}/mean", torch.stack(values).mean(), prog_bar=(p == 0), sync_dist=True)
+                self.log(f"{stage}/{self._evaluated}/{label}/{task}", value, sync_dist=True)
+            self.log(f"{stage}/{self._evaluated}/{label}/mean", torch.stack(values).mean(), prog_bar=(p == 0),
+                     sync_dist=True)
             for metric in row:
                 metric.reset()
 

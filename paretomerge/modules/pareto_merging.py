@@ -14,13 +14,7 @@ from paretomerge.kernels import DEFAULT_TARGETS, PreferenceTensor, TaskVectors, 
 from paretomerge.kernels.basis import check_rank
 from paretomerge.modules.base import MergingModule
 from paretomerge.modules.checkpoint import CheckpointError
-from paretomerge.objectives import (
-    check_beta_div,
-    cosine_alignment,
-    entropy_objective,
-    frobenius_penalty,
-    smooth_tchebycheff,
-)
+from paretomerge.objectives import check_beta_div, cosine_alignment, frobenius_penalty, smooth_tchebycheff
 from paretomerge.preferences import sample_dirichlet
 
 #: The switches that turn our default back into the paper's method, SPEC §3 exactly (configs/pareto_merging_paper.yaml).
@@ -88,7 +82,10 @@ class ParetoMerging(MergingModule):
             8 of 12 small-task-set cases; from λ_init it is above in 11 of 12 (with ``alpha`` 0.5;
             benchmarks/README.md, "front_quality.py").
         beta_div: ours. Weight of Σ_k KL(p̄_k ‖ uniform), the batch-mean prediction's divergence from uniform
-            (`objectives.marginal_divergence`): it penalises a task collapsing onto one class. 0 turns it off.
+            (`objectives.marginal_divergence`): it penalises a task collapsing onto one class. 0 turns it off. It acts
+            on classifiers only: a language model's token batches have no classes to collapse onto (warned once).
+        objective: each task's f_k: ``"entropy"`` (SPEC §3), ``"loss"`` (a language model's next-token loss on the
+            task's unlabeled text, SPEC §3c), or None (the default): loss for token batches, entropy for images.
         preference_floor: ρ in [0, 1); the smooth-Tchebycheff term weighs the tasks by (1 − ρ)·γ + ρ/K instead of γ,
             so no task is ignored at a one-hot (the model is still built from γ). 0, the default, is SPEC §3's.
         seed: seeds the preference tensor's init and every γ draw, keyed by (seed, global_step, rank): one γ per
@@ -116,9 +113,10 @@ class ParetoMerging(MergingModule):
         preference_floor: float = 0.0,
         basis_rank: int | float | None = DEFAULT_BASIS_RANK,
         omega_init: float | None = None,
+        objective: str | None = None,
     ) -> None:
         super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, ties_top_k=ties_top_k,
-                         compile_forward=compile_forward)
+                         compile_forward=compile_forward, objective=objective)
         self.save_hyperparameters(ignore=["task_vectors", "compile_forward"])  # a .ckpt loads eagerly
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -184,22 +182,24 @@ class ParetoMerging(MergingModule):
             raise ValueError("ParetoMerging needs a preference γ to build its weights")
         return self.preference_tensor.delta(gamma)
 
-    def objective(self, logits: Mapping[str, Tensor], gamma: Tensor) -> dict[str, Tensor]:
-        """SPEC §3: ``loss = STCH_μ(f; γ) − β_cos·cos(f, 1/γ̃) + β_frob·Σ‖G‖²`` with f_k the mean entropy of task k;
-        ours adds ``β_div·Σ_k KL(p̄_k ‖ uniform)`` where ``beta_div`` > 0.
+    def objective(self, logits: Mapping[str, Tensor], gamma: Tensor,
+                  inputs: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+        """SPEC §3: ``loss = STCH_μ(f; γ) − β_cos·cos(f, 1/γ̃) + β_frob·Σ‖G‖²`` with f_k the mean entropy of task k
+        (or, for a language model, its next-token loss: SPEC §3c, ``objective``); ours adds ``β_div·Σ_k KL(p̄_k ‖
+        uniform)`` where ``beta_div`` > 0 (classifiers).
 
-        Returns the loss and its parts (``stch``, ``cos``, ``frob``, ``div`` where used, ``entropies [K]``).
+        Returns the loss and its parts (``stch``, ``cos``, ``frob``, ``div`` where used, ``f [K]``).
         """
         hp = self.hparams
-        parts = entropy_objective(logits, self._tv().task_names, hp.beta_div)
-        f = parts.pop("entropies")
+        parts = self.task_objectives(logits, inputs)
+        f = parts.pop("f")
         floor = hp.preference_floor
         stch = smooth_tchebycheff(f, (1.0 - floor) * gamma + floor / len(gamma) if floor else gamma, hp.mu)
         cos = cosine_alignment(f, gamma, hp.eps)
         cores = self.preference_tensor.cores() if self.preference_tensor is not None else []
         frob = frobenius_penalty(cores).to(f)
         loss = stch - hp.beta_cos * cos + hp.beta_frob * frob + parts.pop("penalty", 0.0)
-        return {"loss": loss, "stch": stch, "cos": cos, "frob": frob, "entropies": f, **parts}
+        return {"loss": loss, "stch": stch, "cos": cos, "frob": frob, "f": f, **parts}
 
     def training_preference(self) -> Tensor:
         """γ ~ Dir(α·1), keyed by (seed, global_step, rank)."""
