@@ -1,8 +1,9 @@
 """`FitSummary`: at the end of `fit`, evaluate the learned Pareto set on the labeled test split and say what
 was learned, where it was saved, and how to use it.
 
-It needs a datamodule with ``evaluate(net) -> {task: accuracy}`` (as `TinySuite` has); a ``build_report``
-(individual and Task Arithmetic accuracy per task) adds the comparison columns.
+It needs a datamodule with ``evaluate(net) -> {task: score}`` (as `TinySuite` has: accuracy; a language model suite's
+is the next-token loss, printed as perplexity, `paretomerge.pareto.score_of`); a ``build_report`` (θ0, individual,
+Task Arithmetic and TIES scores per task) adds the comparison columns.
 """
 
 from __future__ import annotations
@@ -11,13 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 import paretomerge
-from paretomerge.front import evaluate_front, preference_aware, static_front, summary_preferences
+from paretomerge.front import (
+    describe_reference,
+    evaluate_front,
+    preference_aware,
+    reference_point,
+    static_front,
+    summary_preferences,
+)
 from paretomerge.modules import ParetoMerging
-from paretomerge.pareto import hypervolume, non_dominated
+from paretomerge.pareto import ACCURACY, Score, hypervolume, individual_gains, non_dominated, score_of
 from paretomerge.plotting import write_front_csv
 
 
@@ -28,9 +37,13 @@ def run_directory(trainer: L.Trainer) -> Path:
     return Path(log_dir or trainer.default_root_dir)
 
 
-def volumes(front: torch.Tensor, individual: list[float] | None) -> tuple[float, float | None]:
-    """The hypervolume of ``front`` and, with the individual accuracies, its normalised hypervolume."""
-    return hypervolume(front), (hypervolume(front, individual) if individual else None)
+def volumes(front: torch.Tensor, individual: list[float] | None, score: Score = ACCURACY,
+            reference: np.ndarray | None = None) -> tuple[float, float | None]:
+    """The hypervolume of ``front`` (of the gains over ``reference``, `paretomerge.pareto.hypervolume`) and, with the
+    individual models' scores, its normalised hypervolume (each task's gain divided by its individual model's)."""
+    scale = individual_gains(individual, score, reference) if individual else None
+    normalised = hypervolume(front, scale, score, reference) if scale is not None and (scale > 0).all() else None
+    return hypervolume(front, score=score, reference=reference), normalised
 
 
 def stored_set(path: Path, module: L.LightningModule) -> str:
@@ -52,32 +65,45 @@ def stored_set(path: Path, module: L.LightningModule) -> str:
     return line + "."
 
 
-def describe(module: L.LightningModule) -> str:
-    """How the summary names ``module``: Pareto Merging with its configuration (ours or the paper's), else its class."""
-    if type(module) is not ParetoMerging:
-        return type(module).__name__
+def describe(module: L.LightningModule, score: Score = ACCURACY) -> str:
+    """How the summary names ``module``: Pareto Merging with its configuration (ours or the paper's), else its class;
+    for a language model, with the objective it minimised (the diversity term, which token batches do not use, is
+    left out)."""
     hp = module.hparams
+    objective = "" if score.higher_is_better else \
+        f", objective: next-token {'entropy' if hp.get('objective') == 'entropy' else 'loss'}"
+    if type(module) is not ParetoMerging:
+        return type(module).__name__ + objective
     parts = ["preference-conditioned coefficients"] if hp.get("preference_coefficients") else []
-    parts += [f"diversity term β_div={hp['beta_div']:g}"] if hp.get("beta_div", 0) > 0 else []
-    return "Pareto Merging, " + (f"ours ({', '.join(parts)})" if parts else "the paper's configuration")
+    parts += [f"diversity term β_div={hp['beta_div']:g}"] if hp.get("beta_div", 0) > 0 and score.higher_is_better \
+        else []
+    return "Pareto Merging, " + (f"ours ({', '.join(parts)})" if parts else "the paper's configuration") + objective
 
 
-def loading_lines(module: L.LightningModule, path: str, at_call: str, tasks: list[str]) -> list[str]:
-    """How to use the checkpoint: the import and loading call of ``module``'s own class, then ``at``."""
+def loading_lines(module: L.LightningModule, path: str, at_call: str, tasks: list[str],
+                  score: Score = ACCURACY) -> list[str]:
+    """How to use the checkpoint: the import and loading call of ``module``'s own class, then ``at`` (and, for a
+    language model, how to write the chosen model out as a Hugging Face directory)."""
     cls = type(module)
     package = "paretomerge" if getattr(paretomerge, cls.__name__, None) is cls else cls.__module__
-    return ["Use it:",
-            f"    from {package} import {cls.__name__}",
-            f"    model = {cls.__name__}.load_from_checkpoint({str(path or 'path/to.ckpt')!r})",
-            f"    {at_call}",
-            f"    logits = net(images, task={tasks[0]!r})  # images [B, 3, H, W]"]
+    lines = ["Use it:",
+             f"    from {package} import {cls.__name__}",
+             f"    model = {cls.__name__}.load_from_checkpoint({str(path or 'path/to.ckpt')!r})",
+             f"    {at_call}"]
+    if score.higher_is_better:
+        return lines + [f"    logits = net(images, task={tasks[0]!r})  # images [B, 3, H, W]"]
+    return lines + ["    logits = net(tokens)  # tokens: a tokenizer's output (input_ids, attention_mask); [B, T, V]",
+                    "    net.save_pretrained('merged/', tokenizer=tokenizer)  # AutoModelForCausalLM.from_pretrained",
+                    f"or: paretomerge export --ckpt {str(path or 'path/to.ckpt')} --at "
+                    + ",".join(["1"] + ["0"] * (len(tasks) - 1)) + " --format hf --out merged/"]
 
 
 class FitSummary(L.Callback):
-    """Prints, after ``fit``: per-task test accuracy at the equal preference and at each task's one-hot,
-    beside the individual fine-tuned models and Task Arithmetic; the hypervolume of the evaluated front
-    (SPEC §4); where the checkpoint and the logs are; and how to call ``at()``. The front is also written
-    to ``<log_dir>/front_test.csv`` and its hypervolume to the logger.
+    """Prints, after ``fit``: per-task test scores (accuracy, or a language model's perplexity) at the equal preference
+    and at each task's one-hot, beside θ0, the individual fine-tuned models, Task Arithmetic and TIES; the hypervolume
+    of the evaluated front (SPEC §4; for a loss, of the gains over θ0's per-task test loss, which it states) beside Task
+    Arithmetic + preference's on the same preferences; where the checkpoint and the logs are; and how to call
+    ``at()``. The front is also written to ``<log_dir>/front_test.csv`` and its hypervolume to the logger.
 
     seed: seeds the Dirichlet part of the preference set (K >= 4).
     """
@@ -99,86 +125,112 @@ class FitSummary(L.Callback):
             return
         tasks = list(pl_module.task_vectors.task_names)
         num_tasks = len(tasks)
+        score = score_of(datamodule)
         if not preference_aware(pl_module):  # one model (AdaMerging): no front to evaluate
-            print(self._single_model_table(tasks, datamodule, pl_module, trainer))
+            print(self._single_model_table(tasks, datamodule, pl_module, trainer, score))
             return
         self.preferences = summary_preferences(num_tasks, self.seed)
         self.front = evaluate_front(pl_module, datamodule, self.preferences, trainer.progress_bar_callback is not None)
         report = getattr(datamodule, "build_report", None)
-        individual = [report["tasks"][t]["individual_accuracy"] for t in tasks] if report else None
-        hv, hv_normalised = volumes(self.front, individual)
+        key = f"individual_{score.name}"
+        individual = [report["tasks"][t][key] for t in tasks] if report and all(
+            key in report["tasks"][t] for t in tasks) else None
+        tv = pl_module.task_vectors
+        reference = reference_point(tv if tv.has_task_vectors else None, datamodule, "test", report)
+        measured = score.higher_is_better or reference is not None  # a loss front without θ0's loss has no HV
+        hv, hv_normalised = volumes(self.front, individual, score, reference) if measured else (None, None)
         self.reference_front, reference_volumes = None, None
-        if pl_module.task_vectors.has_task_vectors:  # Task Arithmetic + preference on the same preferences
-            self.reference_front = static_front("task_arithmetic_preference", pl_module.task_vectors, datamodule,
-                                                self.preferences)
-            reference_volumes = volumes(self.reference_front, individual)
+        if tv.has_task_vectors:  # Task Arithmetic + preference on the same preferences
+            self.reference_front = static_front("task_arithmetic_preference", tv, datamodule, self.preferences)
+            reference_volumes = volumes(self.reference_front, individual, score, reference) if measured else None
         log_dir = run_directory(trainer)
-        write_front_csv(log_dir / "front_test.csv", self.front.numpy(), self.preferences.numpy(), tasks)
+        write_front_csv(log_dir / "front_test.csv", self.front.numpy(), self.preferences.numpy(), tasks, score=score)
         if trainer.logger is not None:
-            metrics = {"test/front/hypervolume": hv, "test/front/mean_accuracy_equal": float(self.front[0].mean())}
+            metrics = {f"test/front/mean_{score.name}_equal": float(self.front[0].mean())}
+            if hv is not None:
+                metrics["test/front/hypervolume"] = hv
             if hv_normalised is not None:
                 metrics["test/front/hypervolume_normalised"] = hv_normalised
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
-        print(self._table(tasks, report, hv, hv_normalised, reference_volumes, trainer, log_dir))
+        print(self._table(tasks, report, hv, hv_normalised, reference_volumes, trainer, log_dir, score,
+                          describe_reference(reference, tasks, datamodule)))
 
     @staticmethod
-    def _baseline_columns(report: dict | None, tasks: list[str]) -> list[tuple[str, list[float]]]:
-        """Zero-shot θ0, the fine-tuned models and Task Arithmetic, from the suite's build report when it has them."""
+    def _baseline_columns(report: dict | None, tasks: list[str], score: Score) -> list[tuple[str, list[float]]]:
+        """θ0 (zero-shot for a classifier with its heads, pretrained for a language model), the fine-tuned models, Task
+        Arithmetic and TIES, from the suite's build report when it has them (keys ``<column>_<score name>``)."""
         columns = []
-        for name, key in (("zero-shot", "zero_shot_accuracy"), ("individual", "individual_accuracy"),
-                          ("task arith.", "task_arithmetic_accuracy"), ("TIES", "ties_accuracy")):
+        for name, key in (("zero-shot" if score.higher_is_better else "pretrained", "zero_shot"),
+                          ("individual", "individual"), ("task arith.", "task_arithmetic"), ("TIES", "ties")):
+            key = f"{key}_{score.name}"
             if report and all(key in report["tasks"][t] for t in tasks):
                 columns.append((name, [report["tasks"][t][key] for t in tasks]))
         return columns
 
+    @staticmethod
+    def _mean(values: list[float], score: Score) -> float:
+        """A column's mean as the table prints it: of the accuracies, or the perplexity of the mean loss."""
+        return float(score.tabulated(float(np.mean(values))))
+
     def _single_model_table(self, tasks: list[str], datamodule: Any, pl_module: L.LightningModule,
-                            trainer: L.Trainer) -> str:
-        accuracy = datamodule.evaluate(pl_module.at())
-        self.front = torch.tensor([[accuracy[t] for t in tasks]], dtype=torch.float64)
+                            trainer: L.Trainer, score: Score) -> str:
+        scores = datamodule.evaluate(pl_module.at())
+        self.front = torch.tensor([[scores[t] for t in tasks]], dtype=torch.float64)
         report = getattr(datamodule, "build_report", None)
         columns: list[tuple[str, list[float]]] = []
-        columns += self._baseline_columns(report, tasks)
+        columns += self._baseline_columns(report, tasks, score)
         columns.append((type(pl_module).__name__, self.front[0].tolist()))
         header = f"{'task':<12}" + "".join(f"{name:>13}" for name, _ in columns)
-        lines = ["", f"{type(pl_module).__name__}: test accuracy (%) per task", header, "-" * len(header)]
+        lines = ["", f"{describe(pl_module, score)}: test {score.tabulated_name} per task", header, "-" * len(header)]
         for k, task in enumerate(tasks):
-            lines.append(f"{task:<12}" + "".join(f"{100 * values[k]:>13.1f}" for _, values in columns))
-        lines.append(f"{'mean':<12}" + "".join(f"{100 * sum(v) / len(tasks):>13.1f}" for _, v in columns))
+            lines.append(f"{task:<12}" + "".join(f"{float(score.tabulated(values[k])):>13.{self._digits(score)}f}"
+                                                 for _, values in columns))
+        lines.append(f"{'mean':<12}" + "".join(f"{self._mean(v, score):>13.{self._digits(score)}f}"
+                                               for _, v in columns))
         checkpoint = trainer.checkpoint_callback
         path = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
         if path:
             lines.append(f"Checkpoint: {path}")
-        return "\n".join(lines + loading_lines(pl_module, path, "net = model.at()", tasks) + [""])
+        return "\n".join(lines + loading_lines(pl_module, path, "net = model.at()", tasks, score) + [""])
 
-    def _table(self, tasks: list[str], report: dict | None, hv: float, hv_normalised: float | None,
-               reference_volumes: tuple[float, float | None] | None, trainer: L.Trainer, log_dir: Path) -> str:
-        front, num_tasks = self.front, len(tasks)
+    @staticmethod
+    def _digits(score: Score) -> int:
+        return 1 if score.percent else 2
+
+    def _table(self, tasks: list[str], report: dict | None, hv: float | None, hv_normalised: float | None,
+               reference_volumes: tuple[float, float | None] | None, trainer: L.Trainer, log_dir: Path,
+               score: Score = ACCURACY, reference: str = "reference point 0") -> str:
+        front, num_tasks, digits = self.front, len(tasks), self._digits(score)
         equal = front[0]
         own = torch.stack([front[1 + k, k] for k in range(num_tasks)])  # task k at the one-hot e_k
         header = f"{'task':<12}"
         columns: list[tuple[str, list[float]]] = []
-        columns += self._baseline_columns(report, tasks)
+        columns += self._baseline_columns(report, tasks, score)
         short = "PM" if isinstance(trainer.lightning_module, ParetoMerging) else type(trainer.lightning_module).__name__
         columns += [(f"{short} equal", equal.tolist()), (f"{short} one-hot", own.tolist())]
         header += "".join(f"{name:>13}" for name, _ in columns) + f"{'one-hot - equal':>17}"
-        lines = ["", f"{describe(trainer.lightning_module)}: test accuracy (%) per task", header, "-" * len(header)]
+        lines = ["", f"{describe(trainer.lightning_module, score)}: test {score.tabulated_name} per task", header,
+                 "-" * len(header)]
+        shift = score.tabulated(own.numpy()) - score.tabulated(equal.numpy())
         for k, task in enumerate(tasks):
-            lines.append(f"{task:<12}" + "".join(f"{100 * values[k]:>13.1f}" for _, values in columns)
-                         + f"{100 * (own[k] - equal[k]):>+17.1f}")
+            lines.append(f"{task:<12}" + "".join(f"{float(score.tabulated(values[k])):>13.{digits}f}"
+                                                 for _, values in columns) + f"{shift[k]:>+17.{digits}f}")
         lines.append("-" * len(header))
-        means = [sum(values) / num_tasks for _, values in columns]
-        lines.append(f"{'mean':<12}" + "".join(f"{100 * m:>13.1f}" for m in means)
-                     + f"{100 * float((own - equal).mean()):>+17.1f}")
-        better = int((own > equal).sum())
+        lines.append(f"{'mean':<12}" + "".join(f"{self._mean(values, score):>13.{digits}f}" for _, values in columns)
+                     + f"{self._mean(own.tolist(), score) - self._mean(equal.tolist(), score):>+17.{digits}f}")
+        better = int(score.better(own.numpy(), equal.numpy()).sum())
+        mean_note = "" if score.percent else " (a mean row is the perplexity of the mean loss)"
         lines += [
             "",
-            f"'{short} equal' is at(equal preference); '{short} one-hot' is task k's accuracy at at(e_k), the "
-            f"preference that puts all weight on task k; it beats the equal preference for {better} of {num_tasks} "
-            "tasks.",
-            f"Front: {front.shape[0]} preferences (SPEC §4), {len(non_dominated(front))} non-dominated; hypervolume "
-            f"{hv:.4f}" + (f", normalised by individual accuracy {hv_normalised:.4f}" if hv_normalised else "")
-            + f". Every point: {log_dir / 'front_test.csv'}",
+            f"'{short} equal' is at(equal preference); '{short} one-hot' is task k's {score.tabulated_name} at "
+            f"at(e_k), the preference that puts all weight on task k; it beats the equal preference for {better} of "
+            f"{num_tasks} tasks{mean_note}.",
         ]
+        volume = "no hypervolume (no reference point)" if hv is None else f"hypervolume {hv:.4f}" + (
+            f", normalised by the individual models' gains {hv_normalised:.4f}" if hv_normalised else "")
+        kept = len(non_dominated(front, score))
+        lines.append(f"Front: {front.shape[0]} preferences (SPEC §4), {kept} non-dominated; {volume} ({reference}). "
+                     f"Every point: {log_dir / 'front_test.csv'}")
         if reference_volumes is not None:
             reference_hv, reference_normalised = reference_volumes
             lines.append(f"Task Arithmetic + preference (θ0 + 0.3·K·Σ_k γ_k τ_k) on the same preferences: hypervolume "
@@ -193,4 +245,4 @@ class FitSummary(L.Callback):
             lines.append(f"Logs: tensorboard --logdir {Path(trainer.logger.save_dir)}")
         example = ", ".join(["1.0"] + ["0.0"] * (num_tasks - 1))
         at = f"net = model.at([{example}])  # one weight per task: {', '.join(tasks)}"
-        return "\n".join(lines + loading_lines(trainer.lightning_module, path, at, tasks) + [""])
+        return "\n".join(lines + loading_lines(trainer.lightning_module, path, at, tasks, score) + [""])

@@ -1,12 +1,14 @@
 """`ParetoFrontLogger`: the learned front in TensorBoard while it trains.
 
 Every N validations it evaluates the SPEC §4 preference set (plus the equal preference and the one-hots) on the
-datamodule's labeled split, through ``module.at(γ)`` — the module's merge and forward — on the same images for
-every preference, and logs through the Lightning logger:
+datamodule's labeled split, through ``module.at(γ)`` — the module's merge and forward — on the same inputs for
+every preference, and logs through the Lightning logger. Scores are the datamodule's (`paretomerge.pareto.score_of`):
+accuracy, or a language model's next-token loss, whose hypervolume is that of the gains over θ0's per-task loss on
+the same split (`paretomerge.front.reference_point`; logged as ``front/reference/<task>``):
 
-- scalars ``front/hypervolume``, ``front/hypervolume_normalised`` (accuracies divided by the individual fine-tuned
-  models' on the same split), ``front/spread`` (`paretomerge.pareto.front_spread`), ``front/non_dominated``, and
-  ``front/acc/<equal|onehot_task>/<task>``;
+- scalars ``front/hypervolume``, ``front/hypervolume_normalised`` (each task's gain divided by the individual
+  fine-tuned model's on the same split), ``front/spread`` (`paretomerge.pareto.front_spread`),
+  ``front/non_dominated``, and ``front/acc/<equal|onehot_task>/<task>`` (``front/loss/...`` for a loss);
 - figures ``front/figure`` (K=2 scatter labelled by preference, K=3 3-D scatter, K≥4 pairwise projections with each
   task's accuracy range on the diagonal) and ``front/parallel_coordinates`` (K≥4), with Task Arithmetic, AdaMerging
   (``adamerging_ckpt``) and MAP's predicted and real fronts (when a `MAPBaseline` callback has run) on the same axes,
@@ -29,8 +31,15 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from paretomerge.front import evaluate_front, individual_accuracy, module_preferences, static_point, zero_shot_accuracy
-from paretomerge.pareto import front_spread, hypervolume, non_dominated
+from paretomerge.front import (
+    evaluate_front,
+    individual_scores,
+    module_preferences,
+    reference_point,
+    static_point,
+    zero_shot_scores,
+)
+from paretomerge.pareto import front_spread, hypervolume, individual_gains, non_dominated, score_of
 from paretomerge.plotting import Overlay, front_figures, front_table
 
 
@@ -63,6 +72,7 @@ class ParetoFrontLogger(L.Callback):
         self.evaluated_at: int | None = None  # global step of the last evaluation
         self._individual: np.ndarray | None = None
         self._zero_shot: np.ndarray | None = None
+        self._reference: np.ndarray | None = None  # the hypervolume's reference point, for a loss
         self._warned_zero = False
         self._overlays: list[Overlay] | None = None
 
@@ -97,40 +107,55 @@ class ParetoFrontLogger(L.Callback):
         show = self.progress and trainer.progress_bar_callback is not None
         self.front = evaluate_front(pl_module, trainer.datamodule, self.preferences, show, split=self.split)
         self.evaluated_at = trainer.global_step
-        acc = self.front.numpy()
-        metrics = {"front/hypervolume": hypervolume(acc), "front/spread": front_spread(acc),
-                   "front/non_dominated": float(len(non_dominated(acc)))}
-        individual = self._individual_accuracy(trainer, pl_module)
-        if individual is not None and (individual > 0).all():
-            metrics["front/hypervolume_normalised"] = hypervolume(acc, individual)
-        elif individual is not None and not self._warned_zero:
-            self._warned_zero = True  # a fine-tuned model at 0% (random weights, a broken checkpoint): no scale
-            rank_zero_warn(f"ParetoFrontLogger: a fine-tuned model scores 0 on its own task ({individual.tolist()}); "
-                           "front/hypervolume_normalised is not logged")
+        acc, score = self.front.numpy(), score_of(trainer.datamodule)
+        reference = self._reference_point(trainer, pl_module)
+        metrics = {"front/spread": front_spread(acc, score),
+                   "front/non_dominated": float(len(non_dominated(acc, score)))}
+        if score.higher_is_better or reference is not None:
+            metrics["front/hypervolume"] = hypervolume(acc, score=score, reference=reference)
+        if reference is not None:
+            metrics.update({f"front/reference/{t}": float(v) for t, v in zip(tasks, reference, strict=True)})
+        individual = self._individual_scores(trainer, pl_module)
+        scale = None if individual is None or "front/hypervolume" not in metrics else \
+            individual_gains(individual, score, reference)
+        if scale is not None and (scale > 0).all():
+            metrics["front/hypervolume_normalised"] = hypervolume(acc, scale, score, reference)
+        elif scale is not None and not self._warned_zero:
+            self._warned_zero = True  # a fine-tuned model no better than the reference (random weights...): no scale
+            rank_zero_warn(f"ParetoFrontLogger: a fine-tuned model is no better than the reference on its own task "
+                           f"({individual.tolist()}); front/hypervolume_normalised is not logged")
+        short = "acc" if score.name == "accuracy" else score.name
         for p, preference in enumerate(self.preferences):
             one_hot = torch.isclose(preference.max(), torch.tensor(1.0))
             if p == 0 or one_hot:
                 label = "equal" if p == 0 else f"onehot_{tasks[int(preference.argmax())]}"
-                metrics.update({f"front/acc/{label}/{t}": float(acc[p, k]) for k, t in enumerate(tasks)})
+                metrics.update({f"front/{short}/{label}/{t}": float(acc[p, k]) for k, t in enumerate(tasks)})
         self.metrics = metrics
 
-    def _individual_accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> np.ndarray | None:
+    def _reference_point(self, trainer: L.Trainer, pl_module: L.LightningModule) -> np.ndarray | None:
+        """The hypervolume's reference point on the evaluated split (None for accuracy), computed once."""
+        if self._reference is None and not score_of(trainer.datamodule).higher_is_better:
+            tv = self._original_task_vectors(trainer, pl_module)
+            self._reference = reference_point(tv, trainer.datamodule, self.split)
+        return self._reference
+
+    def _individual_scores(self, trainer: L.Trainer, pl_module: L.LightningModule) -> np.ndarray | None:
         """Each fine-tuned model θ0 + τ_k on task k of the evaluated split (computed once)."""
         if self._individual is None:
             tv = self._original_task_vectors(trainer, pl_module)
             if tv is not None:
-                self._individual = individual_accuracy(tv, trainer.datamodule, self.split)
+                self._individual = individual_scores(tv, trainer.datamodule, self.split)
         return self._individual
 
     def _references(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, np.ndarray]:
-        """The figures' reference accuracies ``[K]`` on the evaluated split: θ0 with its heads (zero-shot) and each
+        """The figures' reference scores ``[K]`` on the evaluated split: θ0 with its heads (zero-shot) and each
         fine-tuned model on its own task (individual), each computed once; none without the original task vectors."""
         if self._zero_shot is None:
             tv = self._original_task_vectors(trainer, pl_module)
             if tv is None:
                 return {}
-            self._zero_shot = zero_shot_accuracy(tv, trainer.datamodule, self.split)
-        return {"zero-shot": self._zero_shot, "individual": self._individual_accuracy(trainer, pl_module)}
+            self._zero_shot = zero_shot_scores(tv, trainer.datamodule, self.split)
+        return {"zero-shot": self._zero_shot, "individual": self._individual_scores(trainer, pl_module)}
 
     @staticmethod
     def _original_task_vectors(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
@@ -168,7 +193,8 @@ class ParetoFrontLogger(L.Callback):
         overlays = []
         for callback in trainer.callbacks:
             if isinstance(callback, MAPBaseline) and callback.last is not None:
-                overlays.append(Overlay("MAP predicted", np.clip(callback.last["predicted"], 0.0, 1.0)))
+                ceiling = 1.0 if score_of(trainer.datamodule).percent else None  # a surrogate may overshoot [0, 1]
+                overlays.append(Overlay("MAP predicted", np.clip(callback.last["predicted"], 0.0, ceiling)))
                 overlays.append(Overlay("MAP real", callback.last["real"]))
         return overlays
 
@@ -191,9 +217,10 @@ class ParetoFrontLogger(L.Callback):
         acc, prefs = self.front.numpy(), self.preferences.numpy()
         overlays = self._baseline_overlays(trainer, pl_module) + self._map_overlays(trainer)
         title = f"{type(pl_module).__name__}, step {step}, {self.split} split"
+        score = score_of(trainer.datamodule)
         figures = front_figures(acc, prefs, tasks, overlays, title=title,
-                                references=self._references(trainer, pl_module))
-        table = front_table(acc, prefs, tasks, markdown=True)
+                                references=self._references(trainer, pl_module), score=score)
+        table = front_table(acc, prefs, tasks, markdown=True, score=score)
         for writer in writers:
             for name, figure in figures.items():
                 tag = f"{prefix}/figure" if name == "front" else f"{prefix}/{name}"
@@ -210,12 +237,15 @@ class ParetoFrontLogger(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(self.metrics, step=trainer.global_step)
         self._log_figures(trainer, pl_module, "front/final", trainer.global_step)
+        score = score_of(trainer.datamodule)
+        short = "acc" if score.name == "accuracy" else score.name
         final = {key.replace("front/", "final/", 1): value for key, value in self.metrics.items()
-                 if not key.startswith("front/acc/")}
-        final["final/mean_accuracy_equal"] = float(self.front[0].mean())
+                 if not key.startswith((f"front/{short}/", "front/reference/"))}
+        final[f"final/mean_{score.name}_equal"] = float(self.front[0].mean())
         # The HParams tab keeps the first hyperparameter summary of a run: with the logger's default_hp_metric
         # on, Lightning wrote one at fit start whose only metric is hp_metric, so that one carries the result.
-        final["hp_metric"] = final.get("final/hypervolume_normalised", final["final/hypervolume"])
+        final["hp_metric"] = final.get("final/hypervolume_normalised",
+                                       final.get("final/hypervolume", final[f"final/mean_{score.name}_equal"]))
         params = dict(pl_module.hparams)
         datamodule_hparams = getattr(trainer.datamodule, "hparams", None)
         if datamodule_hparams:

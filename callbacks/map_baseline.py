@@ -6,6 +6,9 @@ split, at the end of fit (or every N validations), and log its front beside Pare
 Logged (``map/...``): real evaluations spent, per-task held-out R², hypervolume of the predicted and of the
 re-evaluated front, GD and IGD between predicted and real, and the win rate of the module's front (``at(p)`` on
 the SPEC §4 preferences, same split) against MAP's real front. The points go to ``<log_dir>/map_front.csv``.
+The metric is the datamodule's score (`paretomerge.pareto.score_of`): accuracy, or a language model's next-token loss,
+which MAP minimises (surrogate case 3) and whose hypervolumes are of the gains over θ0's per-task loss on the same
+split (one more evaluation, not counted as MAP's; logged as ``map/reference/<task>``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from paretomerge.map.evaluate import MergeEvaluator
 from paretomerge.map.nested import nested_map
 from paretomerge.map.plain import plain_map
 from paretomerge.map.search import nsga3_front
-from paretomerge.pareto import generational_distance, hypervolume, inverted_generational_distance, win_rate
+from paretomerge.pareto import (
+    generational_distance,
+    hypervolume,
+    inverted_generational_distance,
+    score_of,
+    win_rate,
+)
 from paretomerge.preferences import front_preferences
 
 VARIANTS = ("plain", "bayesian", "nested")
@@ -81,7 +90,9 @@ class MAPBaseline(L.Callback):
             rank_zero_warn("MAPBaseline needs the module's task vectors and a datamodule with labeled(split); skipped")
             return
         self.runs += 1
-        evaluator = MergeEvaluator(tv, datamodule.labeled(self.split))
+        score = score_of(datamodule)
+        evaluator = MergeEvaluator(tv, datamodule.labeled(self.split), metric=score.name)
+        higher = score.higher_is_better
         if self.variant == "plain":
             result = plain_map(evaluator, self.budget, bounds=self.bounds, seed=self.seed,
                                generations=self.generations)
@@ -95,7 +106,7 @@ class MAPBaseline(L.Callback):
             result = bayesian_map(evaluator, self.initial, self.per_round, self.rounds, bounds=self.bounds,
                                   seed=self.seed)
             front_c, predicted = nsga3_front(result.surrogates, bounds=self.bounds, generations=self.generations,
-                                             seed=self.seed)
+                                             seed=self.seed, higher_is_better=higher)
             r2 = np.full(tv.num_tasks, np.nan)
         spent = evaluator.count
         if predicted is None:
@@ -105,29 +116,38 @@ class MAPBaseline(L.Callback):
             picks = np.unique(np.linspace(0, len(front_c) - 1, min(self.real_samples, len(front_c))).round()
                               .astype(int))
             real = evaluator(front_c[picks])
-        predicted_sample = np.clip(predicted[picks], 0.0, None)
+        checked = evaluator.count
+        reference = None if higher else evaluator(np.zeros((1, tv.num_tasks)))[0]  # θ0: a loss's reference point
+        predicted = np.clip(predicted, 0.0, None)
+        predicted_sample = predicted[picks]
         module_front = self._module_front(pl_module, datamodule)
         metrics = {
             "map/evaluations": float(spent),
-            "map/evaluations_with_real_check": float(evaluator.count),
-            "map/hv_predicted": hypervolume(np.clip(predicted, 0.0, None)),
-            "map/hv_real": hypervolume(real),
-            "map/gd_predicted_vs_real": generational_distance(predicted_sample, real),
-            "map/igd_predicted_vs_real": inverted_generational_distance(predicted_sample, real),
+            "map/evaluations_with_real_check": float(checked),
+            "map/hv_predicted": hypervolume(predicted, score=score, reference=reference),
+            "map/hv_real": hypervolume(real, score=score, reference=reference),
+            "map/gd_predicted_vs_real": generational_distance(predicted_sample, real, score),
+            "map/igd_predicted_vs_real": inverted_generational_distance(predicted_sample, real, score),
         }
         metrics.update({f"map/r2/{t}": float(v) for t, v in zip(tv.task_names, r2, strict=True) if np.isfinite(v)})
+        if reference is not None:
+            metrics.update({f"map/reference/{t}": float(v) for t, v in zip(tv.task_names, reference, strict=True)})
         if module_front is not None:
-            metrics["map/win_rate_module_vs_map"] = win_rate(module_front, real)
-            metrics["map/win_rate_map_vs_module"] = win_rate(real, module_front)
-            metrics["map/hv_module"] = hypervolume(module_front)
+            metrics["map/win_rate_module_vs_map"] = win_rate(module_front, real, score)
+            metrics["map/win_rate_map_vs_module"] = win_rate(real, module_front, score)
+            metrics["map/hv_module"] = hypervolume(module_front, score=score, reference=reference)
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         log_dir = run_directory(trainer)
         self._write_csv(log_dir / "map_front.csv", list(tv.task_names), front_c, predicted, picks, real)
         self.last = {"metrics": metrics, "front_c": front_c, "predicted": predicted, "real": real, "picks": picks}
-        print(f"\nMAP ({self.variant}, {spent} real evaluations + {evaluator.count - spent} to check): "
+        metric = "" if higher else f", {score.name}"
+        print(f"\nMAP ({self.variant}, {spent} real evaluations + {checked - spent} to check{metric}): "
               + ", ".join(f"{k.removeprefix('map/')} {v:.4f}" for k, v in metrics.items()
-                          if "evaluations" not in k) + f"\nMAP front: {log_dir / 'map_front.csv'}")
+                          if "evaluations" not in k and "reference/" not in k)
+              + ("" if reference is None else "; hypervolumes of the gains over θ0's per-task loss ("
+                 + ", ".join(f"{t} {v:.3f}" for t, v in zip(tv.task_names, reference, strict=True)) + ")")
+              + f"\nMAP front: {log_dir / 'map_front.csv'}")
 
     def _module_front(self, pl_module: L.LightningModule, datamodule: Any) -> np.ndarray | None:
         if not preference_aware(pl_module) or not hasattr(datamodule, "evaluate"):

@@ -4,13 +4,16 @@
     paretomerge fit --config configs/X.yaml --config configs/ddp.yaml --trainer.devices 8
     paretomerge front --ckpt path.ckpt [--prefs 0.7,0.3 ...] --out front.png
     paretomerge export --ckpt path.ckpt --out pareto_set.safetensors
+    paretomerge export --ckpt path.ckpt --at 0.7,0.3 --format hf --out merged/
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,11 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from paretomerge.callbacks import LogProgressBar
-from paretomerge.front import evaluate_front, module_preferences, static_point
+from paretomerge.front import describe_reference, evaluate_front, module_preferences, static_point
 from paretomerge.modules import AdaMerging, CheckpointError, MergingModule, ParetoMerging
 from paretomerge.modules.checkpoint import MissingModulesError, inspect_checkpoint
 from paretomerge.modules.export import export_pareto_set
-from paretomerge.pareto import hypervolume, non_dominated
+from paretomerge.pareto import hypervolume, non_dominated, score_of
 from paretomerge.plotting import Overlay, front_figures, front_table, save_figure, write_front_csv
 from paretomerge.preferences import validate_preference
 from paretomerge.progress import interactive
@@ -140,6 +143,24 @@ def _parse_preferences(texts: list[str], num_tasks: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def _suite_of(path: str, checkpoint: dict[str, Any], cache_dir: str | None, progress: bool) -> LightningDataModule:
+    """The datamodule a checkpoint was fitted with, rebuilt from its recorded hyperparameters (only paretomerge's own
+    suites, or classes already imported), with its cache at ``cache_dir`` where given."""
+    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    if not data:
+        raise ValueError(f"{path!r} records no datamodule (it was fitted without one), so there is no suite to "
+                         "evaluate on or to take a tokenizer from")
+    # fitted by the CLI: its class path; from Python: the class the checkpoint records; before either: the TinySuite
+    recorded = (checkpoint.get("paretomerge") or {}).get("datamodule_class", "paretomerge.suites.TinySuite")
+    data_cls = _import_class(data.pop("_class_path", recorded), LightningDataModule, "datamodule")
+    data.pop("_instantiator", None)
+    if cache_dir is not None:
+        data["cache_dir"] = cache_dir
+    if "progress" in data:
+        data["progress"] = progress
+    return data_cls(**data)
+
+
 def front_command(argv: list[str]) -> None:
     """``paretomerge front --ckpt X.ckpt [--prefs 0.7,0.3 ...] --out front.png``."""
     parser = argparse.ArgumentParser(
@@ -167,20 +188,9 @@ def front_command(argv: list[str]) -> None:
     try:
         model, checkpoint = _load_module(args.ckpt)
         module_cls = type(model)
-        data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-        if not data:
-            raise ValueError(f"{args.ckpt!r} records no datamodule (it was fitted without one), so there is no "
-                             "suite to evaluate on")
-        data_cls = _import_class(data.pop("_class_path", "paretomerge.suites.TinySuite"), LightningDataModule,
-                                 "datamodule")
-        data.pop("_instantiator", None)
-        if args.cache_dir is not None:
-            data["cache_dir"] = args.cache_dir
-        if "progress" in data:
-            data["progress"] = not args.no_progress
-        suite = data_cls(**data)
+        suite = _suite_of(args.ckpt, checkpoint, args.cache_dir, not args.no_progress)
         if not hasattr(suite, "evaluate"):
-            raise ValueError(f"the checkpoint's datamodule {data_cls.__name__} has no evaluate(net, split)")
+            raise ValueError(f"the checkpoint's datamodule {type(suite).__name__} has no evaluate(net, split)")
         tasks = list(model.task_vectors.task_names)
         if list(getattr(suite, "tasks", tasks)) != tasks:
             raise ValueError(f"the checkpoint's model has tasks {tasks}, its datamodule {list(suite.tasks)}")
@@ -192,56 +202,132 @@ def front_command(argv: list[str]) -> None:
             preferences = module_preferences(model, args.seed)
     except (CheckpointError, FileNotFoundError, ValueError, TypeError, KeyError) as err:
         sys.exit(f"paretomerge front: {err}")
-    accuracy = evaluate_front(model, suite, preferences, progress=not args.no_progress, split=args.split).numpy()
-    overlays, references = [], {}
+    values = evaluate_front(model, suite, preferences, progress=not args.no_progress, split=args.split).numpy()
+    score = score_of(suite)
+    overlays, references, reference = [], {}, None
     if not args.no_baselines:
-        from paretomerge.front import individual_accuracy, zero_shot_accuracy
+        from paretomerge.front import individual_scores, zero_shot_scores
 
         tv = suite.task_vectors()
         overlays.append(Overlay("Task Arithmetic", static_point("task_arithmetic", tv, suite, args.split)))
-        references = {"zero-shot": zero_shot_accuracy(tv, suite, args.split),
-                      "individual": individual_accuracy(tv, suite, args.split)}
+        references = {"zero-shot": zero_shot_scores(tv, suite, args.split),
+                      "individual": individual_scores(tv, suite, args.split)}
+        reference = None if score.higher_is_better else references["zero-shot"]
     prefs = preferences.numpy()
     title = f"{module_cls.__name__}, {Path(args.ckpt).name} (step {checkpoint.get('global_step')}), {args.split} split"
-    figures = front_figures(accuracy, prefs, tasks, overlays, title=title, references=references)
+    figures = front_figures(values, prefs, tasks, overlays, title=title, references=references, score=score)
     written = [save_figure(figures["front"], out)]
     if "parallel_coordinates" in figures:
         written.append(save_figure(figures["parallel_coordinates"], out.with_name(out.stem + "_parallel.png")))
-    written.append(write_front_csv(out.with_suffix(".csv"), accuracy, prefs, tasks))
-    print(front_table(accuracy, prefs, tasks))
-    print(f"\nhypervolume {hypervolume(accuracy):.4f}; {len(non_dominated(accuracy))} of {len(prefs)} points "
-          f"non-dominated (*)")
+    written.append(write_front_csv(out.with_suffix(".csv"), values, prefs, tasks, score=score))
+    print(front_table(values, prefs, tasks, score=score))
+    kept = f"{len(non_dominated(values, score))} of {len(prefs)} points non-dominated (*)"
+    if score.higher_is_better or reference is not None:
+        print(f"\nhypervolume {hypervolume(values, score=score, reference=reference):.4f} "
+              f"({describe_reference(reference, tasks, suite)}); {kept}")
+    else:
+        print(f"\n{kept}; no hypervolume: a {score.name} front needs θ0's {score.name} as its reference point, which "
+              "--no-baselines leaves out")
     for label, points in [(o.label, o.points[0]) for o in overlays] + list(references.items()):
-        print(f"{label}: " + ", ".join(f"{t} {100 * v:.1f}" for t, v in zip(tasks, points, strict=True)))
+        print(f"{label}: " + ", ".join(f"{t} {float(score.shown(v)):.{1 if score.percent else 3}f}"
+                                       for t, v in zip(tasks, points, strict=True)))
     print("wrote " + ", ".join(str(p) for p in written))
 
 
 # ---------------------------------------------------------------------- paretomerge export
 def export_command(argv: list[str]) -> None:
-    """``paretomerge export --ckpt X.ckpt --out pareto_set.safetensors``."""
+    """``paretomerge export --ckpt X.ckpt --out pareto_set.safetensors``, or one trade-off as an ordinary model:
+    ``paretomerge export --ckpt X.ckpt --at 0.7,0.3 --format hf --out DIR``."""
     parser = argparse.ArgumentParser(
         prog="paretomerge export",
-        description="Write a checkpoint's Pareto set as one safetensors file: the preference-independent base, the "
-                    "preference tensor, ours' preference basis (int8 factors), the heads and the config. Load it with "
-                    "paretomerge.load_pareto_set(path), then .at(preference); no Trainer needed.")
+        description="Write a checkpoint's Pareto set as one safetensors file (--format pareto-set, the default: the "
+                    "preference-independent base, the preference tensor, ours' preference basis, the heads and the "
+                    "config; load it with paretomerge.load_pareto_set(path), then .at(preference)), or the model of "
+                    "one preference as an ordinary Hugging Face directory (--format hf --at PREF: config, safetensors "
+                    "and the tokenizer, which AutoModelForCausalLM.from_pretrained loads without paretomerge).")
     parser.add_argument("--ckpt", required=True, help="a .ckpt written by paretomerge fit")
-    parser.add_argument("--out", default="pareto_set.safetensors", help="the file to write (.safetensors)")
+    parser.add_argument("--out", help="the file to write (.safetensors; default pareto_set.safetensors), or for "
+                                      "--format hf the directory to create (it must not exist or be empty)")
+    parser.add_argument("--format", choices=("pareto-set", "hf"), default="pareto-set",
+                        help="pareto-set: the whole learned set in one file; hf: the model at --at, for a Hugging Face "
+                             "causal LM")
+    parser.add_argument("--at", metavar="PREF", help="the preference, K comma-separated weights (e.g. 0.7,0.3); "
+                                                     "with --format hf")
+    parser.add_argument("--tokenizer", metavar="DIR", help="with --format hf: the tokenizer directory to write beside "
+                                                           "the model (default: the checkpoint's suite's tokenizer)")
+    parser.add_argument("--cache-dir", help="where the suite's cache lives, if not where it was when fitting")
     args = parser.parse_args(argv)
-    if Path(args.out).suffix != ".safetensors":
-        parser.error(f"--out must name a .safetensors file, got {args.out!r}")
+    if args.format == "pareto-set":
+        for option in ("at", "tokenizer"):
+            if getattr(args, option) is not None:
+                parser.error(f"--{option} goes with --format hf (the pareto-set export holds every preference)")
+        out = Path(args.out or "pareto_set.safetensors")
+        if out.suffix != ".safetensors":
+            parser.error(f"--out must name a .safetensors file, got {str(out)!r}")
+    else:
+        if not args.out:
+            parser.error("--format hf needs --out DIR, the directory to write the model into")
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            parser.error(f"--out {str(out)!r} exists and is not an empty directory; name a new one")
     try:
-        model, _ = _load_module(args.ckpt)
+        model, checkpoint = _load_module(args.ckpt)
     except MissingModulesError as err:
         sys.exit(f"paretomerge export: {err}. The command line cannot build your modules: load the model in Python "
                  "with that call, then export_pareto_set(model, out)")
     except (CheckpointError, FileNotFoundError, ValueError, TypeError, KeyError) as err:
         sys.exit(f"paretomerge export: {err}")
-    path = export_pareto_set(model, args.out)
     tv = model.task_vectors
     backbone = sum(t.numel() * t.element_size() for t in tv.backbone.state_dict().values())
+    if args.format == "hf":
+        _export_hf(args, model, checkpoint, out)
+        return
+    path = export_pareto_set(model, out)
     size = path.stat().st_size
     print(f"wrote {path}: {size / 2**20:.1f} MiB, {size / backbone:.3f}x one backbone ({backbone / 2**20:.1f} MiB); "
           f"{len(tv.task_names)} tasks")
+
+
+def _export_hf(args: argparse.Namespace, model: MergingModule, checkpoint: dict[str, Any], out: Path) -> None:
+    """``model.at(--at)`` written as a Hugging Face directory with its tokenizer, atomically (a sibling directory
+    renamed into place)."""
+    tasks = list(model.task_vectors.task_names)
+    try:
+        if args.at is None and model.preference_aware:
+            raise ValueError(f"--format hf writes the model of one preference: give --at with {len(tasks)} weights, "
+                             f"one per task ({', '.join(tasks)})")
+        preference = None if args.at is None else _parse_preferences([args.at], len(tasks))[0]
+        net = model.at(preference)
+        if not net.headless or not callable(getattr(net.backbone, "save_pretrained", None)):
+            raise ValueError(f"--format hf writes a Hugging Face causal LM; this checkpoint's model is a "
+                             f"{type(net.backbone).__name__} with task heads: use --format pareto-set, or save "
+                             "model.at(pref).state_dict() from Python")
+        if args.tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+        else:
+            suite = _suite_of(args.ckpt, checkpoint, args.cache_dir, progress=True)
+            if not callable(getattr(suite, "tokenizer", None)):
+                raise ValueError(f"the checkpoint's suite {type(suite).__name__} has no tokenizer; give --tokenizer "
+                                 "DIR")
+            tokenizer = suite.tokenizer()
+    except (CheckpointError, OSError, ValueError, TypeError, KeyError) as err:
+        sys.exit(f"paretomerge export: {err}")
+    staging = out.with_name(f".{out.name}.writing-{os.getpid()}")
+    try:
+        net.save_pretrained(staging, tokenizer=tokenizer)
+        if out.exists():
+            out.rmdir()  # empty: checked above
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    where = "the preference " + ",".join(f"{v:.4g}" for v in preference.tolist()) if preference is not None else \
+        "its one model"
+    print(f"wrote {out}: {type(net.backbone).__name__} at {where} ({size / 2**20:.1f} MiB with the tokenizer). "
+          f"Load it anywhere: AutoModelForCausalLM.from_pretrained({str(out)!r}), "
+          f"AutoTokenizer.from_pretrained({str(out)!r})")
 
 
 _SUBCOMMANDS = {"front": front_command, "export": export_command}

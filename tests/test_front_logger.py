@@ -25,7 +25,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from paretomerge import ParetoMerging
 from paretomerge.callbacks import MAPBaseline, ParetoFrontLogger
 from paretomerge.cli import main as cli_main
-from paretomerge.front import individual_accuracy, summary_preferences
+from paretomerge.front import individual_scores, summary_preferences
 from paretomerge.kernels.merged_model import MergedModel
 from paretomerge.pareto import front_spread, hypervolume
 from paretomerge.plotting import Overlay, front_figures, front_table, save_figure
@@ -79,7 +79,7 @@ def test_scalars_are_the_front_metrics_of_the_evaluated_points(run):
     assert torch.equal(logger.preferences, summary_preferences(3))
     assert hv[STEPS] == pytest.approx(hypervolume(acc), rel=1e-5)
     assert _scalars(events, "front/spread")[STEPS] == pytest.approx(front_spread(acc), rel=1e-5)
-    individual = individual_accuracy(suite.task_vectors(), suite, "val")
+    individual = individual_scores(suite.task_vectors(), suite, "val")
     assert _scalars(events, "front/hypervolume_normalised")[STEPS] == pytest.approx(hypervolume(acc, individual),
                                                                                     rel=1e-5)
     # the evaluated accuracies are the module's own: at(γ) on the validation split, recomputed independently
@@ -155,7 +155,7 @@ def test_figures_carry_the_zero_shot_and_individual_references(run):
     tv = suite.task_vectors()
     theta0 = suite.evaluate(MergedModel(tv.backbone, tv.heads).eval(), split="val")  # θ0 itself, not through the merge
     assert logger._zero_shot.tolist() == pytest.approx([theta0[t] for t in suite.tasks])
-    assert logger._individual.tolist() == pytest.approx(individual_accuracy(tv, suite, "val").tolist())
+    assert logger._individual.tolist() == pytest.approx(individual_scores(tv, suite, "val").tolist())
     assert (logger._zero_shot < logger._individual).all()  # fine-tuning helps each task on the tiny suite
     tasks, acc, prefs = list(suite.tasks), logger.front.numpy(), logger.preferences.numpy()
     last = run["map"].last
@@ -239,7 +239,7 @@ def test_front_command_writes_png_csv_and_table(run, tmp_path):
     tv = suite.task_vectors()
     zero_shot = MergedModel(tv.backbone, tv.heads).eval()  # θ0 itself, not through the merge
     for name, values in (("zero-shot", suite.evaluate(zero_shot, split="val")),
-                         ("individual", dict(zip(suite.tasks, individual_accuracy(tv, suite, "val"), strict=True)))):
+                         ("individual", dict(zip(suite.tasks, individual_scores(tv, suite, "val"), strict=True)))):
         assert f"{name}: " + ", ".join(f"{t} {100 * values[t]:.1f}" for t in suite.tasks) in result.stdout
 
 

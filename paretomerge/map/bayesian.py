@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from paretomerge.map.evaluate import MergeEvaluator
+from paretomerge.map.evaluate import MergeEvaluator, surrogate_kind
 from paretomerge.map.sampling import check_bounds, initial_samples
 from paretomerge.map.surrogate import QuadraticSurrogate
 
@@ -69,10 +69,13 @@ class BayesianResult:
 
 
 def bayesian_map(evaluator: MergeEvaluator, initial: int, per_round: int, rounds: int, bins_per_angle: int = 4,
-                 temperature: float = 1.0, kind: str = "bounded", low: float = 0.0, high: float = 1.0,
-                 bounds: Sequence[float] = (0.0, 1.0), seed: int = 0) -> BayesianResult:
+                 temperature: float = 1.0, kind: str | None = None, low: float | None = None,
+                 high: float | None = None, bounds: Sequence[float] = (0.0, 1.0), seed: int = 0) -> BayesianResult:
     """Algorithm 3: ``initial`` points (the one-hots and uniform ones), then ``rounds`` rounds of ``per_round``
-    points drawn from bins by their scores. Bins that hold no point yet get the highest score seen."""
+    points drawn from bins by their scores. Bins that hold no point yet get the highest score seen. The surrogate's
+    case defaults to the evaluator's score's (`surrogate_kind`)."""
+    if kind is None:
+        kind, low, high = surrogate_kind(evaluator.score)
     lo, hi = check_bounds(bounds)
     for name, value, least in (("initial", initial, 1), ("per_round", per_round, 1), ("rounds", rounds, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -102,7 +105,8 @@ def bayesian_map(evaluator: MergeEvaluator, initial: int, per_round: int, rounds
     return BayesianResult(c, metrics, surrogates, evaluator.count - start)
 
 
-def _fit(c: np.ndarray, metrics: np.ndarray, kind: str, low: float, high: float) -> list[QuadraticSurrogate]:
+def _fit(c: np.ndarray, metrics: np.ndarray, kind: str, low: float | None,
+         high: float | None) -> list[QuadraticSurrogate]:
     return [QuadraticSurrogate(kind, low, high).fit(c, metrics[:, k]) for k in range(metrics.shape[1])]
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from paretomerge.kernels import MergedModel, TaskVectors, materialize
-from paretomerge.map.evaluate import MergeEvaluator
+from paretomerge.map.evaluate import MergeEvaluator, surrogate_kind
 from paretomerge.map.sampling import initial_samples
 from paretomerge.map.search import choose_for_preference, nsga3_front
 from paretomerge.map.surrogate import QuadraticSurrogate, num_quadratic_parameters
@@ -37,15 +37,18 @@ class NestedResult:
 
 
 def nested_map(evaluator: MergeEvaluator, preference: Sequence[float], points_per_pair: int = 20,
-               kind: str = "bounded", low: float = 0.0, high: float = 1.0, bounds: Sequence[float] = (0.0, 1.0),
-               seed: int = 0, generations: int = 300) -> NestedResult:
-    """Algorithm 2 with accuracy-like metrics in ``[low, high]`` (``kind`` as in `QuadraticSurrogate`).
+               kind: str | None = None, low: float | None = None, high: float | None = None,
+               bounds: Sequence[float] = (0.0, 1.0), seed: int = 0, generations: int = 300) -> NestedResult:
+    """Algorithm 2 on the evaluator's metric (``kind``, ``low``, ``high`` as in `QuadraticSurrogate`, by default its
+    score's case, `surrogate_kind`; a loss is minimised).
 
     Each task starts as its own group (its fine-tuned model, evaluated once). Each round takes the two groups
     with the closest metrics, evaluates ``points_per_pair`` pair scalings (c_i, c_j) of their merged models on
     their tasks, fits a 2-task surrogate per group (the group's metric: its tasks' accuracies weighted by the
     normalised preference), runs NSGA-III, and keeps the front member that the pair's preference picks.
     """
+    if kind is None:
+        kind, low, high = surrogate_kind(evaluator.score)
     names = list(evaluator.tv.task_names)
     p = validate_preference(preference, len(names)).double().numpy()
     if points_per_pair < num_quadratic_parameters(2):
@@ -77,8 +80,8 @@ def nested_map(evaluator: MergeEvaluator, preference: Sequence[float], points_pe
 
 
 def _merge_pair(evaluator: MergeEvaluator, gi: _Group, gj: _Group, p: np.ndarray, index: dict[str, int],
-                points_per_pair: int, kind: str, low: float, high: float, bounds: Sequence[float], seed: int,
-                generations: int) -> tuple[_Group, tuple[float, float]]:
+                points_per_pair: int, kind: str, low: float | None, high: float | None, bounds: Sequence[float],
+                seed: int, generations: int) -> tuple[_Group, tuple[float, float]]:
     """2-task MAP between two groups' merged models: ``θ0 + c_i w_i·τ + c_j w_j·τ``."""
 
     def group_metric(scores: np.ndarray, tasks: list[str]) -> np.ndarray:
@@ -90,9 +93,11 @@ def _merge_pair(evaluator: MergeEvaluator, gi: _Group, gj: _Group, p: np.ndarray
     coefficients = pairs[:, :1] * gi.weights + pairs[:, 1:] * gj.weights
     scores = evaluator(coefficients, tasks=gi.tasks + gj.tasks)
     surrogates = [QuadraticSurrogate(kind, low, high).fit(pairs, group_metric(scores, g.tasks)) for g in (gi, gj)]
-    front_c, front_values = nsga3_front(surrogates, bounds=bounds, generations=generations, seed=seed)
+    higher = evaluator.score.higher_is_better
+    front_c, front_values = nsga3_front(surrogates, bounds=bounds, generations=generations, seed=seed,
+                                        higher_is_better=higher)
     # Groups the user gives no weight to still need a merge: both at zero weight count equally.
     pair_pref = [p[[index[t] for t in g.tasks]].sum() + 1e-12 for g in (gi, gj)]
-    (ci, cj), row = choose_for_preference(front_c, front_values, pair_pref)
+    (ci, cj), row = choose_for_preference(front_c, front_values, pair_pref, higher)
     metric = float(np.dot(pair_pref, front_values[row]) / sum(pair_pref))
     return _Group(gi.tasks + gj.tasks, ci * gi.weights + cj * gj.weights, metric), (float(ci), float(cj))
