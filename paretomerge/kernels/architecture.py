@@ -10,7 +10,7 @@ A spec read from a checkpoint is untrusted, so `build` only
 - calls ``nn.Module`` subclasses, or one of `ALLOWED_FACTORIES`: ``open_clip.create_model`` and ``timm.create_model``
   with no pretrained weights and a known model name (nothing they could download, unpickle or read from disk), and
   paretomerge's own builders (`paretomerge.kernels.builders`: an ``nn.Sequential`` of specs, a Hugging Face
-  ``CLIPVisionModel`` from its config);
+  ``CLIPVisionModel`` or causal LM from its config, the latter checked by `check_hf_causal_lm`);
 - refuses kwargs whose names suggest loading (``pretrained``, ``*path*``, ``cache_dir``, ``*weights*``...), at any
   depth of nested dicts (there also ``*model_name``, such as open_clip's ``hf_model_name``), unless None or False;
 - passes plain JSON-like kwargs.
@@ -50,6 +50,35 @@ def _check_timm(kwargs: Mapping[str, Any]) -> str | None:
     return None
 
 
+# Settings of a Hugging Face config that name a file, a hub repository or code to fetch, or an attention kernel (a
+# kernel name there makes transformers fetch code from the hub).
+_HF_REFUSED_KEYS = frozenset({"auto_map", "_name_or_path", "name_or_path", "trust_remote_code"})
+# Causal-LM settings whose names match `_NESTED_LOADING_KEY` but read nothing: the generation-time KV cache
+# (``use_cache``, Gemma's ``cache_implementation``) and Llama's pretraining tensor-parallel slicing
+# (``pretraining_tp``).
+_HF_HARMLESS_KEYS = frozenset({"use_cache", "cache_implementation", "pretraining_tp"})
+
+
+def check_hf_causal_lm(kwargs: Mapping[str, Any]) -> str | None:
+    """What is wrong with ``{"config": {...}}`` for ``builders.hf_causal_lm``, or None: the config must be a dict with a
+    ``model_type`` transformers builds a causal LM for, and no key that could fetch files or code (`_HF_REFUSED_KEYS`,
+    attention implementations, or names suggesting loading at any depth, as `_loading_keys` finds them)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = kwargs.get("config")
+    if not isinstance(config, Mapping):
+        return f"config must be a dict of a transformers config's settings, got {type(config).__name__}"
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return f"model_type {model_type!r} is not a causal language model transformers knows (no custom code is run)"
+    refused = [k for k in config if k in _HF_REFUSED_KEYS or "attn_implementation" in k]
+    refused += [k for k in _loading_keys(config, depth=1) if k.rsplit(".", 1)[-1] not in _HF_HARMLESS_KEYS]
+    if refused:
+        return (f"config keys {sorted(set(refused))} are refused: they could fetch files or code (paths, remote code, "
+                "attention implementations)")
+    return None
+
+
 # Factories (not classes) that a spec may name: the only kwargs they may get, and a check of their values. Everything
 # else must be an nn.Module subclass.
 ALLOWED_FACTORIES = {
@@ -58,6 +87,7 @@ ALLOWED_FACTORIES = {
     "timm:create_model": (frozenset({"model_name", "pretrained", "num_classes", "global_pool"}), _check_timm),
     "paretomerge.kernels.builders:sequential": (frozenset({"modules"}), None),
     "paretomerge.kernels.builders:hf_clip_vision_model": (frozenset({"config"}), None),
+    "paretomerge.kernels.builders:hf_causal_lm": (frozenset({"config"}), check_hf_causal_lm),
 }
 TRUSTED_PACKAGES = frozenset({"torch", "open_clip", "timm", "paretomerge"})
 # kwargs that could make a constructor read, fetch or unpickle something; refused unless None or False.

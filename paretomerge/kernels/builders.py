@@ -6,7 +6,8 @@
 - a ``torch.nn`` module whose constructor arguments are its own attributes (``nn.Linear``, ``nn.LayerNorm``,
   ``nn.Conv2d``, activations, dropout...), and an ``nn.Sequential`` of recognised modules;
 - an open_clip tower created by name (``open_clip.create_model(name).visual``, found among open_clip's configs);
-- a Hugging Face ``CLIPVisionModel`` (rebuilt from its config; needs ``transformers``);
+- a Hugging Face ``CLIPVisionModel`` or causal LM (``LlamaForCausalLM``...; rebuilt from its config; needs
+  ``transformers``);
 - a timm model created by name (``timm.create_model(name, num_classes=...)``).
 
 Every guess is checked: the module the spec builds must have the same structure (`structure_difference`) as the
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from paretomerge.kernels.architecture import PLAIN, ModuleSpec, recorded_spec
+from paretomerge.kernels.architecture import PLAIN, ModuleSpec, check_hf_causal_lm, recorded_spec
 
 _SKIPPED_ARGUMENTS = frozenset({"self", "device", "dtype"})
 _MAX_OPEN_CLIP_CANDIDATES = 6
@@ -60,6 +61,29 @@ def hf_clip_vision_model(config: Mapping[str, Any]) -> nn.Module:
         raise ValueError(f"hf_clip_vision_model: config keys {refused} are not CLIPVisionConfig settings it accepts "
                          "(paths and attention implementations are refused: they can fetch files or code)")
     return CLIPVisionModel(CLIPVisionConfig(**dict(config)))
+
+
+def hf_causal_lm(config: Mapping[str, Any]) -> nn.Module:
+    """A Hugging Face causal LM (``AutoModelForCausalLM.from_config``) with random weights, from its config's settings
+    (``model_type`` plus the rest, as `hf_causal_lm_settings` records them). Nothing is read or fetched: a model type
+    transformers does not know as a causal LM, and keys that could fetch files or code, are refused
+    (`architecture.check_hf_causal_lm`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    problem = check_hf_causal_lm({"config": config})
+    if problem:
+        raise ValueError(f"hf_causal_lm: {problem}")
+    settings = dict(config)
+    model_type = settings.pop("model_type")
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings))
+
+
+def hf_causal_lm_settings(config: Any) -> dict[str, Any]:
+    """What `hf_causal_lm` needs from a transformers config: its settings as JSON (plain values, string keys), without
+    the provenance (``_name_or_path``, ``transformers_version``), private keys and attention implementations."""
+    settings = json.loads(config.to_json_string(use_diff=False))
+    return {k: v for k, v in settings.items()
+            if not k.startswith("_") and k != "transformers_version" and "attn_implementation" not in k}
 
 
 # ---------------------------------------------------------------------------------------------- structure
@@ -233,6 +257,20 @@ def _hf_clip_vision(module: nn.Module) -> ModuleSpec | None:
     return _verified(ModuleSpec(f"{__name__}:hf_clip_vision_model", {"config": config}), module)
 
 
+def _hf_causal_lm(module: nn.Module) -> ModuleSpec | None:
+    """A transformers causal LM (the class ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` names for its model type), rebuilt
+    from its config."""
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(getattr(module, "config", None), "model_type", None), ())
+    if type(module).__name__ not in ((names,) if isinstance(names, str) else tuple(names)):
+        return None
+    spec = ModuleSpec(f"{__name__}:hf_causal_lm", {"config": hf_causal_lm_settings(module.config)})
+    return _verified(spec, module)
+
+
 def _timm(module: nn.Module) -> ModuleSpec | None:
     if not type(module).__module__.startswith("timm."):
         return None
@@ -247,7 +285,7 @@ def _timm(module: nn.Module) -> ModuleSpec | None:
     return _verified(ModuleSpec("timm:create_model", kwargs), module)
 
 
-_RECOGNISERS = (_torch_nn, _open_clip, _hf_clip_vision, _timm)
+_RECOGNISERS = (_torch_nn, _open_clip, _hf_clip_vision, _hf_causal_lm, _timm)
 
 
 def recognise(module: nn.Module) -> ModuleSpec | None:
