@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from paretomerge import ParetoMerging
 from paretomerge.suites import FAST_LM_RECIPE, TinyLMSuite
 from paretomerge.suites import tiny_lm as tiny_lm_module
+from paretomerge.suites.tiny_lm_build import LMRecipe, _train, encode, lm_config, make_tokenizer
 from paretomerge.suites.tiny_lm_text import LANGUAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,3 +187,15 @@ def test_export_round_trip_in_a_fresh_process_without_paretomerge(lm_job, fast_l
                             cwd=tmp_path, env=clean, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "generated: <s>" in result.stdout
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10])
+def test_a_short_training_schedule_still_trains(steps):
+    """A recipe with a few pretraining or fine-tuning steps (as the DDP test's) builds: one cycle needs room for its
+    warm-up, and below 3 steps the rate is constant."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(lm_config(LMRecipe(hidden_size=16, intermediate_size=32, heads=2, seq_len=12)))
+    data = encode(make_tokenizer(), ["the cat sees the dog"] * 8, 12)
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(model, data, steps, 4, 1e-2, 0.0, 0, "test", False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -142,9 +142,11 @@ def _batches(num_items: int, batch_size: int, steps: int, generator: torch.Gener
 
 def _train(model: LlamaForCausalLM, data: dict[str, Tensor], steps: int, batch_size: int, lr: float,
            weight_decay: float, seed: int, desc: str, progress: bool) -> None:
-    """``steps`` AdamW steps of `_loss` on shuffled mini-batches of ``data``, one-cycle learning rate."""
+    """``steps`` AdamW steps of `_loss` on shuffled mini-batches of ``data``, one-cycle learning rate (a 10% warm-up,
+    at least 2 steps; a constant rate below 3 steps, where one cycle has no room)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=max(0.1, 2 / steps)) \
+        if steps >= 3 else torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     with progress_bar(total=steps, desc=desc, enabled=progress) as bar:
