@@ -306,3 +306,18 @@ def test_the_model_is_the_same_through_the_one_merge_path(suite):
     ours = suite.evaluate(model.at([0.8, 0.2]))
     free = suite.evaluate(static_model("task_arithmetic_preference", suite.task_vectors(), preference=[0.8, 0.2]))
     assert [ours[t] for t in suite.tasks] == pytest.approx([free[t] for t in suite.tasks], rel=1e-5)
+
+
+def test_the_gpu_checks_lm_case_runs_at_toy_sizes_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py --case lm --toy: the GPU check's LM path (K = 4 fine-tunes with bf16 τ, a fit, at(γ))
+    on a CPU, so the script works the day a GPU is lent."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    result = gpu_check.main(["--case", "lm", "--toy", "--out", str(tmp_path / "result.json")])
+    assert result["device"] == "cpu" and result["case"] == "lm" and result["tasks"] == 4 and result["steps"] == 3
+    assert result["tau_mib"] == pytest.approx(4 * result["model_mib"] / 2, rel=1e-6)  # bf16 τ: half a model each
+    assert result["equal_loss"] == pytest.approx(np.log(64), rel=0.1)  # random tokens over a 64-word vocabulary
+    assert json.loads((tmp_path / "result.json").read_text())["fit_s"] > 0
