@@ -21,6 +21,7 @@ from paretomerge.callbacks import FitSummary
 from paretomerge.kernels import forward_features, forward_tasks, merge
 from paretomerge.map.evaluate import MergeEvaluator
 from paretomerge.map.plain import plain_map
+from paretomerge.modules.ideal import IDEAL_BATCHES, first_batches, resolve_ideal
 from paretomerge.objectives import next_token_entropy, next_token_loss, resolve_objective, task_objectives
 from paretomerge.pareto import LOSS, hypervolume, non_dominated, win_rate
 from paretomerge.suites import HFTextSuite
@@ -237,6 +238,28 @@ def test_the_checkpoint_rebuilds_the_llama_in_a_fresh_process_tied_weights_inclu
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "same logits" in result.stdout
+
+
+def test_the_ideal_point_is_each_tasks_loss_under_its_own_fine_tune(fitted, suite, family):
+    """The loss objective's z (modules.ideal): measured once when the fit starts, on the first IDEAL_BATCHES training
+    batches, as each fine-tune's own loss, which Hugging Face computes from the fine-tune's directory."""
+    model, _, _ = fitted
+    fam, _ = family
+    batches = [model.split_batch(b, suite.tasks, "train")
+               for b in first_batches(suite.train_dataloader(), IDEAL_BATCHES)]
+    expected = [np.mean([hf_loss(fam.models[k + 1], batch[task][0]) for batch in batches])
+                for k, task in enumerate(suite.tasks)]
+    assert model._ideal is not None and model._ideal.tolist() == pytest.approx(expected, rel=1e-4)
+    theta0 = [np.mean([hf_loss(fam.models[0], batch[task][0]) for batch in batches]) for task in suite.tasks]
+    assert all(z < t for z, t in zip(expected, theta0, strict=True))  # each fine-tune is better on its own text
+
+
+def test_the_ideal_point_follows_the_objective_and_is_checked():
+    assert resolve_ideal(None, "loss") == "individual" and resolve_ideal(None, "entropy") == "zero"
+    assert resolve_ideal("zero", "loss") == "zero"
+    assert ParetoMerging(ideal="zero").ideal_point({"t": {"input_ids": torch.zeros(1, 2, dtype=torch.long)}}) == 0.0
+    with pytest.raises(ValueError, match="ideal must be one of"):
+        ParetoMerging(ideal="best")
 
 
 def test_adamerging_minimises_the_summed_loss(suite, tmp_path):

@@ -12,8 +12,10 @@ from torch import Tensor
 
 from paretomerge.kernels import DEFAULT_TARGETS, PreferenceTensor, TaskVectors, preference_coefficients, select_targets
 from paretomerge.kernels.basis import check_rank
+from paretomerge.kernels.inputs import inputs_to
 from paretomerge.modules.base import MergingModule
 from paretomerge.modules.checkpoint import CheckpointError
+from paretomerge.modules.ideal import IDEAL_BATCHES, check_ideal, first_batches, individual_objectives, resolve_ideal
 from paretomerge.objectives import check_beta_div, cosine_alignment, frobenius_penalty, smooth_tchebycheff
 from paretomerge.preferences import sample_dirichlet
 
@@ -86,6 +88,11 @@ class ParetoMerging(MergingModule):
             on classifiers only: a language model's token batches have no classes to collapse onto (warned once).
         objective: each task's f_k: ``"entropy"`` (SPEC §3), ``"loss"`` (a language model's next-token loss on the
             task's unlabeled text, SPEC §3c), or None (the default): loss for token batches, entropy for images.
+        ideal: the smooth-Tchebycheff ideal point z (`modules.ideal`): ``"zero"`` (SPEC §3), ``"individual"`` (each
+            task's objective under its own fine-tuned model, measured when the fit starts), or None (the default):
+            the objective's, individual for the loss and zero for the entropy. On TinyLM (Dir(1), seeds 0-2) z = 0
+            left ours' equal-preference mean loss above AdaMerging's on 2 of 3 seeds and the individual ideal below it
+            on all 3, with a 1.6-2.2x larger four-language hypervolume (docs/method.md, "The ideal point").
         preference_floor: ρ in [0, 1); the smooth-Tchebycheff term weighs the tasks by (1 − ρ)·γ + ρ/K instead of γ,
             so no task is ignored at a one-hot (the model is still built from γ). 0, the default, is SPEC §3's.
         seed: seeds the preference tensor's init and every γ draw, keyed by (seed, global_step, rank): one γ per
@@ -114,6 +121,7 @@ class ParetoMerging(MergingModule):
         basis_rank: int | float | None = DEFAULT_BASIS_RANK,
         omega_init: float | None = None,
         objective: str | None = None,
+        ideal: str | None = None,
     ) -> None:
         super().__init__(lr=lr, lambda_init=lambda_init, lambda_bounds=lambda_bounds, ties_top_k=ties_top_k,
                          compile_forward=compile_forward, objective=objective)
@@ -135,11 +143,13 @@ class ParetoMerging(MergingModule):
             if not value >= 0:
                 raise ValueError(f"{name} must be non-negative, got {value!r}")
         check_rank(basis_rank)
+        check_ideal(ideal)
         if omega_init is not None and (isinstance(omega_init, bool) or not isinstance(omega_init, (int, float))
                                        or not math.isfinite(omega_init)):
             raise ValueError(f"omega_init must be a finite number or None (λ_init), got {omega_init!r}")
         self.preference_tensor: PreferenceTensor | None = None
         self.omega: torch.nn.Parameter | None = None
+        self._ideal: Tensor | None = None  # z [K] where it is measured: once per fit (`ideal_point`)
         if task_vectors is not None:
             self.attach(task_vectors)
 
@@ -193,13 +203,41 @@ class ParetoMerging(MergingModule):
         hp = self.hparams
         parts = self.task_objectives(logits, inputs)
         f = parts.pop("f")
+        ideal = self.ideal_point(inputs)
         floor = hp.preference_floor
-        stch = smooth_tchebycheff(f, (1.0 - floor) * gamma + floor / len(gamma) if floor else gamma, hp.mu)
-        cos = cosine_alignment(f, gamma, hp.eps)
+        stch = smooth_tchebycheff(f, (1.0 - floor) * gamma + floor / len(gamma) if floor else gamma, hp.mu, ideal)
+        cos = cosine_alignment(f - ideal, gamma, hp.eps)
         cores = self.preference_tensor.cores() if self.preference_tensor is not None else []
         frob = frobenius_penalty(cores).to(f)
         loss = stch - hp.beta_cos * cos + hp.beta_frob * frob + parts.pop("penalty", 0.0)
         return {"loss": loss, "stch": stch, "cos": cos, "frob": frob, "f": f, **parts}
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._ideal = None  # measured again at the first step: a resumed fit measures the same batches
+
+    def ideal_point(self, inputs: Mapping[str, Any] | None) -> Tensor | float:
+        """z of the smooth-Tchebycheff term for these batches (`modules.ideal`): 0, or each task's objective under its
+        own fine-tuned model, measured at the first step of a fit on the first batches of a fresh training loader of
+        the datamodule (else on ``inputs``) and averaged over the processes."""
+        objective = self.objective_name(inputs)
+        if resolve_ideal(self.hparams.get("ideal"), objective) == "zero":
+            return 0.0
+        if self._ideal is None:
+            tv = self._tv()
+            if not tv.has_task_vectors:
+                raise RuntimeError("the individual ideal point needs the task vectors (a loaded .ckpt has none)")
+            datamodule = self.trainer.datamodule if self._trainer is not None else None
+            batches = [inputs]
+            if datamodule is not None and callable(getattr(datamodule, "train_dataloader", None)):
+                batches = [{t: inputs_to(x, self.device) for t, (x, _) in
+                            self.split_batch(b, tv.task_names, "train").items()}
+                           for b in first_batches(datamodule.train_dataloader(), IDEAL_BATCHES)]
+            ideal = individual_objectives(tv, batches, objective)
+            if self._trainer is not None and self.trainer.world_size > 1:
+                ideal = self.trainer.strategy.reduce(ideal, reduce_op="mean")
+            self._ideal = ideal.detach()
+        return self._ideal.to(self.device)
 
     def training_preference(self) -> Tensor:
         """γ ~ Dir(α·1), keyed by (seed, global_step, rank)."""
