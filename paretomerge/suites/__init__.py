@@ -5,7 +5,7 @@
 from paretomerge.suites.cache import CacheError
 from paretomerge.suites.clip import CLIPSuite
 from paretomerge.suites.clip_data import DatasetNotFoundError
-from paretomerge.suites.hf_lm import HFModelError, causal_lm_task_vectors
+from paretomerge.suites.hf_lm import HFModelError, causal_lm_task_vectors, memory_plan
 from paretomerge.suites.hf_text import HFTextSuite
 from paretomerge.suites.importers import PickledCheckpointError
 from paretomerge.suites.tensors import TensorSuite
@@ -15,4 +15,4 @@ from paretomerge.suites.tiny_lm import FAST_LM_RECIPE, TinyLMSuite
 
 __all__ = ["FAST_LM_RECIPE", "FAST_RECIPE", "FAST_TASKS", "CLIPSuite", "CacheError", "DatasetNotFoundError",
            "HFModelError", "HFTextSuite", "PickledCheckpointError", "TensorSuite", "TextSuite", "TinyLMSuite",
-           "TinySuite", "causal_lm_task_vectors"]
+           "TinySuite", "causal_lm_task_vectors", "memory_plan"]

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from paretomerge.kernels import TaskVectors
-from paretomerge.suites.hf_lm import causal_lm_task_vectors, load_tokenizer
+from paretomerge.suites.hf_lm import causal_lm_task_vectors, load_tokenizer, memory_plan
 from paretomerge.suites.loaders import derive_seed
 from paretomerge.suites.text import SPLITS, TextSuite, Tokens
 
@@ -131,9 +132,15 @@ class HFTextSuite(TextSuite):
     def task_vectors(self) -> TaskVectors:
         if self._task_vectors is None:
             hp = self.hparams
+            dtype, tau_dtype = DTYPES[hp.dtype], None if hp.tau_dtype is None else DTYPES[hp.tau_dtype]
+            plan = memory_plan(hp.pretrained, len(self.tasks), dtype, tau_dtype)
+            rank_zero_info(f"HFTextSuite: loading θ0 and {len(self.tasks)} task vectors from {hp.pretrained}: "
+                           f"{plan['theta0_bytes'] / 2**30:.2f} GiB + {plan['tau_bytes'] / 2**30:.2f} GiB, and at most "
+                           f"{plan['largest_shard_bytes'] / 2**30:.2f} GiB (one shard) in flight "
+                           "(memory_plan; docs/language-models.md, 'Memory')")
             self._task_vectors = causal_lm_task_vectors(
-                hp.pretrained, [hp.finetuned[t] for t in self.tasks], list(self.tasks), dtype=DTYPES[hp.dtype],
-                tau_dtype=None if hp.tau_dtype is None else DTYPES[hp.tau_dtype], progress=hp.progress)
+                hp.pretrained, [hp.finetuned[t] for t in self.tasks], list(self.tasks), dtype=dtype,
+                tau_dtype=tau_dtype, progress=hp.progress)
         return self._task_vectors
 
     def setup(self, stage: str) -> None:
