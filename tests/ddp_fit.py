@@ -1,7 +1,7 @@
-"""A 2-process DDP fit on CPU (gloo) of the fast TinySuite, for tests/test_ddp.py (a script: Lightning's DDP launcher
-re-runs it once per extra rank, which a pytest process cannot be).
+"""A 2-process DDP fit on CPU (gloo) of the fast TinySuite, and of a small TinyLM suite, for tests/test_ddp.py (a
+script: Lightning's DDP launcher re-runs it once per extra rank, which a pytest process cannot be).
 
-    python tests/ddp_fit.py OUT CACHE pareto,adamerging [STEPS]
+    python tests/ddp_fit.py OUT CACHE pareto,adamerging,tinylm [STEPS]
 
 The methods are fitted one after the other in one 2-process group. For each, every rank writes
 ``OUT/<method>/rank<r>.json`` (what it saw and sent) and ``OUT/<method>/rank<r>.pt`` (its trainable state); every
@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -25,10 +26,15 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from paretomerge import AdaMerging, ParetoMerging
 from paretomerge.callbacks import FitSummary, MAPBaseline, ParetoFrontLogger
-from paretomerge.suites import FAST_TASKS, TinySuite
+from paretomerge.suites import FAST_TASKS, TinyLMSuite, TinySuite
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root, for tests.*
 from tests.conftest import SMALL_RECIPE  # noqa: E402  (DDP's mechanics need no suite in CLIP's regime)
+
+# A TinyLM recipe that builds in seconds (DDP's mechanics need no suite in the regime), and its suite's options.
+SMALL_LM_RECIPE = {"pretrain_docs": 256, "finetune_docs": 128, "test_docs": 32, "pretrain_steps": 30,
+                   "finetune_steps": 10}
+SMALL_LM = {"recipe": SMALL_LM_RECIPE, "train_docs": 64, "val_docs": 16, "batch_size": 4, "progress": False}
 
 
 def digest(tensor: torch.Tensor) -> str:
@@ -55,7 +61,7 @@ class Recorder(L.Callback):
         }
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        images = {task: value[0] for task, value in batch.items()}
+        images = {task: value["input_ids"] if isinstance(value, Mapping) else value[0] for task, value in batch.items()}
         self.batches.append({task: digest(x) for task, x in images.items()})
         for task, x in images.items():
             self.images.setdefault(task, []).extend(digest(image) for image in x)
@@ -93,9 +99,10 @@ def counting_allreduce(traffic, bucket):  # no annotations: DDP checks them agai
     return default_hooks.allreduce_hook(None, bucket)
 
 
-def fit(out: Path, method: str, steps: int, suite: TinySuite) -> None:
+def fit(out: Path, method: str, steps: int, suite: TinySuite | TinyLMSuite) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    model = ParetoMerging(rank=4, seed=0) if method == "pareto" else AdaMerging()
+    model = {"pareto": lambda: ParetoMerging(rank=4, seed=0), "adamerging": AdaMerging,
+             "tinylm": lambda: ParetoMerging(rank=2, seed=0, beta_div=0.0)}[method]()
     traffic = {"bytes": 0, "buckets": 0}
     # The module registers no buffers (θ0, τ and the heads live outside it), so DDP has none to broadcast.
     strategy = DDPStrategy(process_group_backend="gloo")
@@ -133,8 +140,11 @@ def main() -> None:
     # and the next fits join the process group that is already there.
     for method in methods:
         current["out"] = out / method
-        suite = TinySuite(tasks=list(FAST_TASKS), recipe=SMALL_RECIPE, test_images=128, val_images=64, batch_size=8,
-                          progress=False, cache_dir=cache_dir)
+        if method == "tinylm":
+            suite = TinyLMSuite(tasks=["svo", "sov", "vso"], cache_dir=cache_dir, **SMALL_LM)
+        else:
+            suite = TinySuite(tasks=list(FAST_TASKS), recipe=SMALL_RECIPE, test_images=128, val_images=64,
+                              batch_size=8, progress=False, cache_dir=cache_dir)
         fit(out / method, method, steps, suite)
 
 

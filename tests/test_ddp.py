@@ -1,10 +1,11 @@
 """`trainer.fit` with ``strategy=ddp`` on CPU: 2 processes, gloo, a small TinySuite (tests/ddp_fit.py; the mechanics
 need no suite in CLIP's regime, and a small one builds in seconds, fresh, so the build under DDP is checked too).
 
-Checked: the fit completes for Pareto Merging and AdaMerging; λ and the preference tensor end identical on both
-ranks; the ranks saw different images and drew different γ, keyed by (seed, step, rank); DDP wraps and all-reduces
-only the trainable parameters (4 bytes each per step), never θ0, τ or the heads; validation metrics are synced;
-the suite is built once, by one process, while the other waits.
+Checked: the fit completes for Pareto Merging and AdaMerging, and for Pareto Merging of a small TinyLM (token
+batches, the next-token loss); λ and the preference tensor end identical on both ranks; the ranks saw different
+images (or sequences) and drew different γ, keyed by (seed, step, rank); DDP wraps and all-reduces only the
+trainable parameters (4 bytes each per step), never θ0, τ or the heads; validation metrics are synced; the suite is
+built once, by one process, while the other waits.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from paretomerge import AdaMerging, ParetoMerging
 from paretomerge.preferences import sample_dirichlet
-from paretomerge.suites import FAST_TASKS, TinySuite
+from paretomerge.suites import FAST_TASKS, TinyLMSuite, TinySuite
 from tests.conftest import SMALL_RECIPE
-from tests.ddp_fit import digest
+from tests.ddp_fit import SMALL_LM, digest
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -38,10 +39,12 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fits(tmp_path_factory, cache) -> Path:
-    """Pareto Merging, then AdaMerging, in one 2-process group (one launch of tests/ddp_fit.py)."""
+    """Pareto Merging, AdaMerging, then Pareto Merging of a TinyLM, in one 2-process group (one launch of
+    tests/ddp_fit.py)."""
     out = tmp_path_factory.mktemp("ddp")
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_fit.py"), str(out), str(cache),
-                             "pareto,adamerging", str(STEPS)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                             "pareto,adamerging,tinylm", str(STEPS)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return out
 
@@ -122,6 +125,32 @@ def test_ddp_fit_adamerging(fits):
     _check_common(out, ranks, ["lambdas"])
     assert not (out / "builds.txt").exists()  # the cache built by the first fit was reused
     assert model.lambdas.shape == (len(model.task_vectors.layer_names), 3)
+
+
+def test_ddp_fit_of_a_language_model(fits, cache):
+    out = fits / "tinylm"
+    ranks = _ranks(out)
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["global_step"] == STEPS for r in ranks)
+    model = ParetoMerging.load_from_checkpoint(out / "checkpoints" / "last.ckpt")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    state0, state1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert sorted(state0) == sorted(names)
+    for name in state0:  # every rank ends with the same trained state, which moved from its start
+        assert torch.equal(state0[name], state1[name]), name
+    assert float(state0["preference_tensor.G.0"].abs().max()) > 0
+    for r in ranks:
+        assert r["ddp_buffers"] == 0 and r["gradient_bytes"] / STEPS <= 1.05 * 4 * r["trainable_parameters"]
+    for task in ("svo", "sov", "vso"):  # each rank read its own sequences
+        assert len(ranks[0]["images"][task]) == STEPS * 4
+        assert not set(ranks[0]["images"][task]) & set(ranks[1]["images"][task]), task
+    # the synced validation loss is the saved model's loss over the whole validation text
+    suite = TinyLMSuite(tasks=["svo", "sov", "vso"], cache_dir=str(cache), **SMALL_LM)
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    whole = suite.evaluate(model.at([1, 1, 1]), split="val")
+    for task in ("svo", "sov", "vso"):
+        assert events.Scalars(f"val/loss/equal/{task}")[-1].value == pytest.approx(whole[task], rel=1e-5), task
+    assert {"front/hypervolume", "map/hv_real", "test/front/hypervolume"} <= set(events.Tags()["scalars"])
 
 
 def _build_concurrently(cache_dir: str, out: str, barrier) -> None:
