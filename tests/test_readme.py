@@ -68,8 +68,17 @@ def check_unseen_tasks(steps, tmp_path):
     assert "warmth" in after(steps, "select_for_unseen_task(")["chosen"].model.heads  # it reads the new task
 
 
+def check_language_models(steps, tmp_path):
+    ns = after(steps, "HFTextSuite(")
+    assert (tmp_path / "merged" / "config.json").exists() and (tmp_path / "merged" / "tokenizer.json").exists()
+    assert set(ns["suite"].evaluate(ns["net"])) == {"fr", "de"}
+    with torch.no_grad():  # the reloaded directory is the trade-off at(0.7, 0.3) gave
+        torch.testing.assert_close(ns["reloaded"](ns["ids"]).logits, ns["net"]({"input_ids": ns["ids"]}),
+                                   rtol=0, atol=1e-5)
+
+
 CHECKS = {"README.md": check_readme, "docs/own-models.md": check_own_models, "docs/baselines.md": check_baselines,
-          "docs/unseen-tasks.md": check_unseen_tasks}
+          "docs/unseen-tasks.md": check_unseen_tasks, "docs/language-models.md": check_language_models}
 
 
 def test_every_page_with_examples_is_run_and_checked():
