@@ -199,3 +199,16 @@ def test_a_short_training_schedule_still_trains(steps):
     before = [p.detach().clone() for p in model.parameters()]
     _train(model, data, steps, 4, 1e-2, 0.0, 0, "test", False)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_without_transformers_the_lm_suites_say_what_to_install(monkeypatch):
+    from importlib import util
+
+    from paretomerge.suites import HFTextSuite
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    with pytest.raises(ImportError, match=r"TinyLMSuite .* pip install 'paretomerge\[hf\]'"):
+        TinyLMSuite()
+    with pytest.raises(ImportError, match=r"HFTextSuite .* pip install 'paretomerge\[hf\]'"):
+        HFTextSuite("base", {"a": "a", "b": "b"}, {"a": "a.txt", "b": "b.txt"})

@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from paretomerge.kernels import TaskVectors
 from paretomerge.suites.hf_lm import causal_lm_task_vectors, load_tokenizer, memory_plan
 from paretomerge.suites.loaders import derive_seed
-from paretomerge.suites.text import SPLITS, TextSuite, Tokens
+from paretomerge.suites.text import SPLITS, TextSuite, Tokens, require_transformers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -96,6 +96,7 @@ class HFTextSuite(TextSuite):
                  test_fraction: float = 0.1, max_sequences: int | None = 512, dtype: str = "float32",
                  tau_dtype: str | None = None, batch_size: int = 4, eval_batch_size: int = 8, seed: int = 0,
                  progress: bool = True) -> None:
+        require_transformers('HFTextSuite (Hugging Face causal LMs)')
         super().__init__(batch_size, eval_batch_size, seed)
         if not isinstance(finetuned, Mapping) or len(finetuned) < 2:
             raise ValueError(f"finetuned must map at least 2 task names to model directories, got {finetuned!r}")

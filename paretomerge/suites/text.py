@@ -20,6 +20,7 @@ TIES.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,13 @@ from paretomerge.suites.loaders import derive_seed, epoch_shuffle
 
 SPLITS = ("train", "val", "test")
 Tokens = dict[str, Tensor]
+
+
+def require_transformers(what: str) -> None:
+    """Refuse, before anything is built, a language-model suite where Hugging Face ``transformers`` is missing."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError(f"{what} needs Hugging Face transformers, which is not installed: pip install "
+                          "'paretomerge[hf]' (or pip install transformers)")
 
 
 class TokenDataset(Dataset):

@@ -30,7 +30,7 @@ from paretomerge.kernels import ModuleSpec, TaskVectors
 from paretomerge.kernels.builders import hf_causal_lm_settings
 from paretomerge.suites import cache
 from paretomerge.suites.loaders import derive_seed
-from paretomerge.suites.text import TextSuite, Tokens
+from paretomerge.suites.text import TextSuite, Tokens, require_transformers
 from paretomerge.suites.tiny_lm_build import (
     FAST_LM_RECIPE,
     LMRecipe,
@@ -64,6 +64,7 @@ class TinyLMSuite(TextSuite):
     def __init__(self, tasks: Sequence[str] | None = None, seed: int = 0, batch_size: int = 16,
                  eval_batch_size: int = 128, train_docs: int = 1024, val_docs: int = 128,
                  recipe: dict[str, Any] | None = None, cache_dir: str | None = None, progress: bool = True) -> None:
+        require_transformers('TinyLMSuite (a tiny Llama)')
         super().__init__(batch_size, eval_batch_size, seed)
         tasks = list(LANGUAGES) if tasks is None else list(tasks)
         unknown = [t for t in tasks if t not in LANGUAGES]
