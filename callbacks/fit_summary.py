@@ -26,7 +26,15 @@ from paretomerge.front import (
     summary_preferences,
 )
 from paretomerge.modules import ParetoMerging
-from paretomerge.pareto import ACCURACY, Score, hypervolume, individual_gains, non_dominated, score_of
+from paretomerge.pareto import (
+    ACCURACY,
+    HypervolumeValue,
+    Score,
+    individual_gains,
+    measure_hypervolume,
+    non_dominated,
+    score_of,
+)
 from paretomerge.plotting import write_front_csv
 
 
@@ -38,12 +46,14 @@ def run_directory(trainer: L.Trainer) -> Path:
 
 
 def volumes(front: torch.Tensor, individual: list[float] | None, score: Score = ACCURACY,
-            reference: np.ndarray | None = None) -> tuple[float, float | None]:
-    """The hypervolume of ``front`` (of the gains over ``reference``, `paretomerge.pareto.hypervolume`) and, with the
-    individual models' scores, its normalised hypervolume (each task's gain divided by its individual model's)."""
+            reference: np.ndarray | None = None) -> tuple[HypervolumeValue, HypervolumeValue | None]:
+    """The hypervolume of ``front`` (of the gains over ``reference``, `paretomerge.pareto.measure_hypervolume`: exact,
+    or approximate with its error at many tasks) and, with the individual models' scores, its normalised hypervolume
+    (each task's gain divided by its individual model's)."""
     scale = individual_gains(individual, score, reference) if individual else None
-    normalised = hypervolume(front, scale, score, reference) if scale is not None and (scale > 0).all() else None
-    return hypervolume(front, score=score, reference=reference), normalised
+    normalised = measure_hypervolume(front, scale, score, reference) \
+        if scale is not None and (scale > 0).all() else None
+    return measure_hypervolume(front, score=score, reference=reference), normalised
 
 
 def stored_set(path: Path, module: L.LightningModule) -> str:
@@ -147,10 +157,11 @@ class FitSummary(L.Callback):
         write_front_csv(log_dir / "front_test.csv", self.front.numpy(), self.preferences.numpy(), tasks, score=score)
         if trainer.logger is not None:
             metrics = {f"test/front/mean_{score.name}_equal": float(self.front[0].mean())}
-            if hv is not None:
-                metrics["test/front/hypervolume"] = hv
-            if hv_normalised is not None:
-                metrics["test/front/hypervolume_normalised"] = hv_normalised
+            for key, value in (("hypervolume", hv), ("hypervolume_normalised", hv_normalised)):
+                if value is not None:
+                    metrics[f"test/front/{key}"] = value.value
+                    if value.method != "exact":
+                        metrics[f"test/front/{key}_error"] = value.error
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         print(self._table(tasks, report, hv, hv_normalised, reference_volumes, trainer, log_dir, score,
                           describe_reference(reference, tasks, datamodule)))
@@ -197,9 +208,10 @@ class FitSummary(L.Callback):
     def _digits(score: Score) -> int:
         return 1 if score.percent else 2
 
-    def _table(self, tasks: list[str], report: dict | None, hv: float | None, hv_normalised: float | None,
-               reference_volumes: tuple[float, float | None] | None, trainer: L.Trainer, log_dir: Path,
-               score: Score = ACCURACY, reference: str = "reference point 0") -> str:
+    def _table(self, tasks: list[str], report: dict | None, hv: HypervolumeValue | None,
+               hv_normalised: HypervolumeValue | None,
+               reference_volumes: tuple[HypervolumeValue, HypervolumeValue | None] | None, trainer: L.Trainer,
+               log_dir: Path, score: Score = ACCURACY, reference: str = "reference point 0") -> str:
         front, num_tasks, digits = self.front, len(tasks), self._digits(score)
         equal = front[0]
         own = torch.stack([front[1 + k, k] for k in range(num_tasks)])  # task k at the one-hot e_k
@@ -226,16 +238,18 @@ class FitSummary(L.Callback):
             f"at(e_k), the preference that puts all weight on task k; it beats the equal preference for {better} of "
             f"{num_tasks} tasks{mean_note}.",
         ]
-        volume = "no hypervolume (no reference point)" if hv is None else f"hypervolume {hv:.4f}" + (
-            f", normalised by the individual models' gains {hv_normalised:.4f}" if hv_normalised else "")
+        volume = "no hypervolume (no reference point)" if hv is None else f"hypervolume {hv.value:.4f}" + (
+            f", normalised by the individual models' gains {hv_normalised.value:.4f}" if hv_normalised else "") + (
+            "" if hv.method == "exact" else f"; {hv.describe()}")
         kept = len(non_dominated(front, score))
         lines.append(f"Front: {front.shape[0]} preferences (SPEC §4), {kept} non-dominated; {volume} ({reference}). "
                      f"Every point: {log_dir / 'front_test.csv'}")
         if reference_volumes is not None:
             reference_hv, reference_normalised = reference_volumes
             lines.append(f"Task Arithmetic + preference (θ0 + 0.3·K·Σ_k γ_k τ_k) on the same preferences: hypervolume "
-                         f"{reference_hv:.4f}" + (f", normalised {reference_normalised:.4f}"
-                                                  if reference_normalised is not None else ""))
+                         f"{reference_hv.value:.4f}" + (f", normalised {reference_normalised.value:.4f}"
+                                                        if reference_normalised is not None else "")
+                         + ("" if reference_hv.method == "exact" else f" (± {reference_hv.error:.2g})"))
         checkpoint = trainer.checkpoint_callback
         path = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
         if path:

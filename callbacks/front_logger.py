@@ -39,7 +39,14 @@ from paretomerge.front import (
     static_point,
     zero_shot_scores,
 )
-from paretomerge.pareto import front_spread, hypervolume, individual_gains, non_dominated, score_of
+from paretomerge.pareto import (
+    HypervolumeValue,
+    front_spread,
+    individual_gains,
+    measure_hypervolume,
+    non_dominated,
+    score_of,
+)
 from paretomerge.plotting import Overlay, front_figures, front_table
 
 
@@ -112,14 +119,14 @@ class ParetoFrontLogger(L.Callback):
         metrics = {"front/spread": front_spread(acc, score),
                    "front/non_dominated": float(len(non_dominated(acc, score)))}
         if score.higher_is_better or reference is not None:
-            metrics["front/hypervolume"] = hypervolume(acc, score=score, reference=reference)
+            self._log_volume(metrics, "front/hypervolume", measure_hypervolume(acc, score=score, reference=reference))
         if reference is not None:
             metrics.update({f"front/reference/{t}": float(v) for t, v in zip(tasks, reference, strict=True)})
         individual = self._individual_scores(trainer, pl_module)
         scale = None if individual is None or "front/hypervolume" not in metrics else \
             individual_gains(individual, score, reference)
         if scale is not None and (scale > 0).all():
-            metrics["front/hypervolume_normalised"] = hypervolume(acc, scale, score, reference)
+            self._log_volume(metrics, "front/hypervolume_normalised", measure_hypervolume(acc, scale, score, reference))
         elif scale is not None and not self._warned_zero:
             self._warned_zero = True  # a fine-tuned model no better than the reference (random weights...): no scale
             rank_zero_warn(f"ParetoFrontLogger: a fine-tuned model is no better than the reference on its own task "
@@ -131,6 +138,13 @@ class ParetoFrontLogger(L.Callback):
                 label = "equal" if p == 0 else f"onehot_{tasks[int(preference.argmax())]}"
                 metrics.update({f"front/{short}/{label}/{t}": float(acc[p, k]) for k, t in enumerate(tasks)})
         self.metrics = metrics
+
+    @staticmethod
+    def _log_volume(metrics: dict[str, float], key: str, volume: HypervolumeValue) -> None:
+        """The value under ``key``; for an approximation (many tasks) also its error, ``<key>_error`` (~95%)."""
+        metrics[key] = volume.value
+        if volume.method != "exact":
+            metrics[f"{key}_error"] = volume.error
 
     def _reference_point(self, trainer: L.Trainer, pl_module: L.LightningModule) -> np.ndarray | None:
         """The hypervolume's reference point on the evaluated split (None for accuracy), computed once."""

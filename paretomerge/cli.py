@@ -28,7 +28,7 @@ from paretomerge.front import describe_reference, evaluate_front, module_prefere
 from paretomerge.modules import AdaMerging, CheckpointError, MergingModule, ParetoMerging
 from paretomerge.modules.checkpoint import MissingModulesError, inspect_checkpoint
 from paretomerge.modules.export import export_pareto_set
-from paretomerge.pareto import hypervolume, non_dominated, score_of
+from paretomerge.pareto import measure_hypervolume, non_dominated, score_of
 from paretomerge.plotting import Overlay, front_figures, front_table, save_figure, write_front_csv
 from paretomerge.preferences import validate_preference
 from paretomerge.progress import interactive
@@ -223,8 +223,9 @@ def front_command(argv: list[str]) -> None:
     print(front_table(values, prefs, tasks, score=score))
     kept = f"{len(non_dominated(values, score))} of {len(prefs)} points non-dominated (*)"
     if score.higher_is_better or reference is not None:
-        print(f"\nhypervolume {hypervolume(values, score=score, reference=reference):.4f} "
-              f"({describe_reference(reference, tasks, suite)}); {kept}")
+        volume = measure_hypervolume(values, score=score, reference=reference)
+        print(f"\nhypervolume {volume.value:.4f}, {volume.describe()} ({describe_reference(reference, tasks, suite)}); "
+              f"{kept}")
     else:
         print(f"\n{kept}; no hypervolume: a {score.name} front needs θ0's {score.name} as its reference point, which "
               "--no-baselines leaves out")

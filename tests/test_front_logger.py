@@ -332,3 +332,19 @@ def test_front_command_imports_only_known_classes_named_by_a_checkpoint(run, tmp
     torch.save(checkpoint, edited)
     assert message in front_refusal(["--ckpt", str(edited), "--out", str(tmp_path / "f.png")])
     assert not (tmp_path / "f.png").exists()
+
+
+def test_past_ten_tasks_the_hypervolume_is_logged_and_printed_with_its_error():
+    from paretomerge.callbacks.fit_summary import volumes
+
+    w = np.random.default_rng(0).dirichlet(np.ones(12), size=20)
+    front = torch.tensor(0.6 + 0.4 * np.sqrt(w / w.max(axis=1, keepdims=True)))
+    hv, normalised = volumes(front, [0.99] * 12)
+    assert hv.method == normalised.method == "approximate" and hv.error > 0
+    metrics: dict = {}
+    ParetoFrontLogger._log_volume(metrics, "front/hypervolume", hv)
+    assert metrics == {"front/hypervolume": hv.value, "front/hypervolume_error": hv.error}
+    small, _ = volumes(front[:, :3], [0.99] * 3)
+    metrics = {}
+    ParetoFrontLogger._log_volume(metrics, "front/hypervolume", small)
+    assert small.method == "exact" and set(metrics) == {"front/hypervolume"}
