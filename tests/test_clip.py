@@ -17,6 +17,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,7 +27,7 @@ from paretomerge.modules import CheckpointError
 from paretomerge.suites import CLIPSuite, DatasetNotFoundError, PickledCheckpointError
 from paretomerge.suites import clip as clip_module
 from paretomerge.suites.clip import load_task_vectors, resolve_pretrained
-from paretomerge.suites.clip_data import GTSRB_NAMES, TASKS, open_task
+from paretomerge.suites.clip_data import GTSRB_NAMES, TASK_SETS, open_task
 from paretomerge.suites.importers import open_clip_to_hf
 from paretomerge.suites.zeroshot import TEMPLATES, class_embeddings
 from tests.fake_clip_data import write_fake_dataset, write_fake_datasets
@@ -233,7 +234,7 @@ def test_pretrained_weights_come_from_the_local_cache_only(tmp_path, monkeypatch
 
 
 def test_all_eight_datasets_load_with_cleaned_class_names_and_disjoint_splits(tmp_path):
-    write_fake_datasets(tmp_path, per_class=3)
+    write_fake_datasets(tmp_path, TASK_SETS["TA8"], per_class=3)
     assert len(GTSRB_NAMES) == 43
     preprocess = open_clip.image_transform(224, is_train=False)
     expected = {"SUN397": ("abbey", "bakery shop", "beach"), "EuroSAT": ("Annual Crop", "Forest",
@@ -241,7 +242,7 @@ def test_all_eight_datasets_load_with_cleaned_class_names_and_disjoint_splits(tm
                 "RESISC45": ("airplane", "airport", "baseball diamond"), "MNIST": tuple("0123456789"),
                 "SVHN": tuple("0123456789"), "GTSRB": GTSRB_NAMES, "DTD": ("banded", "blotchy", "braided"),
                 "Cars": ("AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Acura TL Sedan 2012")}
-    for task in TASKS:
+    for task in TASK_SETS["TA8"]:
         train, test = (open_task(task, tmp_path, split, preprocess) for split in ("train", "test"))
         assert train.class_names == test.class_names == expected[task], task
         for split in (train, test):
@@ -272,7 +273,7 @@ def test_loading_eight_vit_b32_checkpoints_streams_within_the_memory_bound():
     assert row["peak_above_baseline"] <= row["bound"], row
 
 
-def test_the_clip_configs_parse(monkeypatch):
+def test_the_clip_configs_parse(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["paretomerge"])
     for extra in ([], ["--config", "configs/pareto_merging_pp.yaml"], ["--config", "configs/clip_map.yaml"]):
@@ -280,6 +281,14 @@ def test_the_clip_configs_parse(monkeypatch):
             with pytest.raises(SystemExit) as exit_info:
                 cli_main(["fit", "--config", config, *extra, "--print_config"])
             assert exit_info.value.code in (0, None)
+    capsys.readouterr()
+    for config in ("clip_vit_b32_tall14", "clip_vit_b32_tall20", "clip_vit_l14_tall14", "clip_vit_l14_tall20"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", "--config", f"configs/{config}.yaml", "--print_config"])
+        assert exit_info.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["data"]["init_args"]["tasks"] == config[-6:].upper()  # TALL14 or TALL20
+        assert printed["trainer"]["logger"]["init_args"]["name"] == config
 
 
 def test_corrupt_checkpoint_files_are_refused_naming_the_file_not_the_pickle_opt_in(tmp_path):

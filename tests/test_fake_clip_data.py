@@ -1,4 +1,5 @@
-"""The fabricated layouts load through the real torchvision 0.29.1 dataset classes with download=False."""
+"""The fabricated layouts of the papers' eight datasets load through the real torchvision 0.29.1 dataset classes with
+download=False."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _load(task: str, root: Path) -> dict[str, object]:
     return {s: tvd.DTD(root, split=s, partition=1) for s in ("train", "val", "test")}
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", TASKS[:8])  # the twelve TALL-masks adds load through their readers: test_clip_tall.py
 def test_fake_dataset_loads(task, tmp_path):
     write_fake_dataset(task, tmp_path, num_classes=N_CLASSES, per_class=PER_CLASS, size=SIZE)
     names = class_names(task, N_CLASSES)

@@ -1,7 +1,7 @@
-"""`CLIPSuite`: the papers' setup. An open_clip visual tower, zero-shot heads, the eight vision tasks, and fine-tuned
-checkpoints in the formats people share.
+"""`CLIPSuite`: the papers' setup. An open_clip visual tower, zero-shot heads, the vision tasks (the papers' eight, or
+TALL-masks' 14 or 20), and fine-tuned checkpoints in the formats people share.
 
-    <data_root>/                     the eight datasets, each in torchvision's own layout (`clip_data`)
+    <data_root>/                     the datasets, each in torchvision's own layout (`clip_data`)
     <checkpoint_dir>/<task>/         one fine-tuned visual tower per task, the first of CHECKPOINT_NAMES found
                                      (or <checkpoint_dir>/<task>.safetensors|.pt|.bin, or finetuned={task: path})
 
@@ -34,7 +34,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from paretomerge.kernels import ModuleSpec, TaskVectors
 from paretomerge.progress import progress_bar
 from paretomerge.suites import cache
-from paretomerge.suites.clip_data import TASKS, LabeledSplit, open_task
+from paretomerge.suites.clip_data import TASK_SETS, TASKS, LabeledSplit, open_task
 from paretomerge.suites.importers import PickledCheckpointError, read_visual_state_dict
 from paretomerge.suites.loaders import derive_seed, epoch_shuffle, top1_accuracy
 from paretomerge.suites.zeroshot import TEMPLATES, class_embeddings, zero_shot_head
@@ -130,7 +130,7 @@ class _Images(Dataset):
 
 
 class CLIPSuite(LightningDataModule):
-    """The eight-task CLIP merging problem (or any subset of its tasks).
+    """The CLIP merging problem on the papers' eight tasks, TALL-masks' 14 or 20, or any list of those tasks.
 
     model:          open_clip model name: ``ViT-B-32``, ``ViT-B-16`` or ``ViT-L-14``.
     pretrained:     θ0 and the text tower: an open_clip tag in the local cache (``openai``), a local whole-CLIP
@@ -140,7 +140,8 @@ class CLIPSuite(LightningDataModule):
     checkpoint_dir: fine-tuned visual towers, ``<checkpoint_dir>/<task>/<one of CHECKPOINT_NAMES>``; open_clip keys,
                     Hugging Face ``CLIPVisionModel`` keys, or (with ``allow_pickle``) task_vectors' pickled modules.
     finetuned:      task -> checkpoint path, overriding ``checkpoint_dir`` for those tasks.
-    tasks:          which of the eight tasks, in this order (default: all).
+    tasks:          a named task set of `clip_data.TASK_SETS` (``TA8``, the default: the papers' eight; ``TALL14``;
+                    ``TALL20``) or a list of tasks of `clip_data.TASKS`, in the order given.
     allow_pickle:   load pickled checkpoints (task_vectors' release). Unpickling runs code from the file.
     quick_gelu:     QuickGELU activations (OpenAI's weights use them); None takes the pretrained tag's setting
                     (False for a local file).
@@ -162,7 +163,7 @@ class CLIPSuite(LightningDataModule):
         data_root: str = "data",
         checkpoint_dir: str | None = None,
         finetuned: dict[str, str] | None = None,
-        tasks: Sequence[str] | None = None,
+        tasks: str | Sequence[str] | None = None,
         allow_pickle: bool = False,
         quick_gelu: bool | None = None,
         templates: dict[str, list[str]] | None = None,
@@ -178,10 +179,7 @@ class CLIPSuite(LightningDataModule):
         super().__init__()
         if model not in MODELS:
             raise ValueError(f"model must be one of {list(MODELS)}, got {model!r}")
-        tasks = list(TASKS) if tasks is None else list(tasks)
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown or len(tasks) < 2 or len(set(tasks)) != len(tasks):
-            raise ValueError(f"tasks must name at least 2 distinct tasks of {list(TASKS)}, got {tasks}")
+        tasks = self._task_list("TA8" if tasks is None else tasks)
         extra = sorted(set(finetuned or {}) - set(tasks))
         if extra:
             raise ValueError(f"finetuned names tasks {extra} that are not in tasks={tasks}")
@@ -206,6 +204,20 @@ class CLIPSuite(LightningDataModule):
         self._preprocess: Callable | None = None
         self._splits: dict[tuple[str, str], LabeledSplit] = {}
         self._decoded: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
+
+    @staticmethod
+    def _task_list(tasks: str | Sequence[str]) -> list[str]:
+        if isinstance(tasks, str):
+            if tasks not in TASK_SETS:
+                raise ValueError(f"tasks={tasks!r} is not a task set; name one of {list(TASK_SETS)} or list tasks of "
+                                 f"{list(TASKS)}")
+            return list(TASK_SETS[tasks])
+        tasks = list(tasks)
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or len(tasks) < 2 or len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks must name at least 2 distinct tasks of {list(TASKS)}, or a task set of "
+                             f"{list(TASK_SETS)}, got {tasks}")
+        return tasks
 
     # ------------------------------------------------------------------ loading
     def prepare_data(self) -> None:
@@ -361,8 +373,9 @@ class CLIPSuite(LightningDataModule):
 
     def labeled(self, split: str = "val") -> dict[str, tuple[Tensor, Tensor]]:
         """task -> (images ``[N, 3, H, W]``, labels ``[N]``), decoded once and kept in memory (validation, the front
-        logger and MAP evaluate on it: at 224×224, 600 kB per image, so 8 tasks × 512 validation images hold 2.4 GB;
-        the whole test split of the eight tasks would hold about 50 GB, so evaluate it with `evaluate` instead)."""
+        logger and MAP evaluate on it: at 224×224, 600 kB per image, so 8 tasks × 512 validation images hold 2.4 GB
+        and 20 tasks 6.1 GB; the whole test split of the eight tasks would hold about 50 GB, so evaluate it with
+        `evaluate` instead)."""
         if split not in self._decoded:
             decoded = {}
             for task in self.tasks:

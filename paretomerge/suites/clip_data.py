@@ -1,4 +1,5 @@
-"""The eight vision tasks of the merging papers, read from one data root with torchvision (ImageFolder for RESISC45).
+"""The CLIP merging benchmarks' vision tasks, read from one data root with torchvision (ImageFolder for RESISC45): the
+eight of the merging papers here, and the twelve TALL-masks adds in `clip_data_tall`.
 
 Every task gives labeled ``train`` and ``test`` splits and its cleaned class names (`open_task`). Where the dataset
 ships no train/test split (EuroSAT; RESISC45 without torchgeo's split files) the test split is a class-stratified
@@ -9,21 +10,33 @@ with the layout it needs and where to get it (`DatasetNotFoundError`).
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import Dataset, Subset
+from scipy.io.matlab import MatReadError
 from torchvision import datasets as tvd
 from torchvision.datasets.folder import ImageFolder
 
-TASKS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
+from paretomerge.suites import clip_data_tall
+from paretomerge.suites.labeled_split import DatasetNotFoundError, LabeledSplit, clean_class_name
+
+# Every task: the task_vectors paper's eight (in its order), then the six that TALL-masks adds for 14 tasks and the six
+# more for 20, in TALL-masks' order (its ALL_DATASETS list, src/utils/variables_and_paths.py).
+TASKS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD",
+         "STL10", "OxfordIIITPet", "Flowers102", "CIFAR100", "PCAM", "FER2013",
+         "CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "EMNIST", "KMNIST")
+# The named task sets (FusionBench's names): each is the first 8, 14 or 20 of TASKS, a superset of the one before.
+TASK_SETS = {"TA8": TASKS[:8], "TALL14": TASKS[:14], "TALL20": TASKS}
 # Test share of each class where the dataset has no official split. The split has its own fixed seed, so every run
 # (whatever its seed) evaluates on the same test images.
 SPLITS = {"EuroSAT": 0.1, "RESISC45": 0.2}
 SPLIT_SEED = 0
+# What torchvision's readers raise for a missing or malformed file (its IDX reader asserts on a bad header; the CIFAR
+# batches are pickles; Cars, SVHN and Flowers-102 keep their metadata in .mat files).
+_UNREADABLE = (RuntimeError, OSError, ValueError, KeyError, EOFError, AssertionError, pickle.UnpicklingError,
+               MatReadError)
 
 # GTSRB's metadata has class ids only (folders 00000..00042); these are the signs they stand for.
 GTSRB_NAMES = (
@@ -37,34 +50,6 @@ GTSRB_NAMES = (
     "turn right ahead", "turn left ahead", "ahead only", "go straight or right", "go straight or left", "keep right",
     "keep left", "roundabout mandatory", "end of no passing", "end of no passing for vehicles over 3.5 tonnes",
 )
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A task's data is missing or incomplete under the data root."""
-
-
-@dataclass(frozen=True)
-class LabeledSplit:
-    """One split of one task: ``dataset[i] -> (image, label)``, ``labels [N]`` (read without decoding images)."""
-
-    dataset: Dataset
-    labels: np.ndarray
-    class_names: tuple[str, ...]
-
-    def subset(self, indices: Sequence[int]) -> LabeledSplit:
-        indices = list(indices)
-        return LabeledSplit(Subset(self.dataset, indices), self.labels[indices], self.class_names)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def clean_class_name(name: str) -> str:
-    """``AnnualCrop`` -> ``Annual Crop``, ``apartment_building/outdoor`` -> ``apartment building outdoor``.
-    (CLIP's tokenizer lower-cases, so case is left alone.) Names with spaces are not camel-split (``AM General``)."""
-    if " " not in name:
-        name = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name)
-    return " ".join(re.sub(r"[_/]+", " ", name).split())
 
 
 class _SVHN(tvd.SVHN):
@@ -178,7 +163,9 @@ _READERS: dict[str, tuple[Callable[..., LabeledSplit], str, str]] = {
               "torchvision.datasets.MNIST(root, train=True and False, download=True)"),
     "DTD": (_dtd, "dtd/dtd/images/<class>/*.jpg, dtd/dtd/labels/train1.txt, test1.txt",
             "torchvision.datasets.DTD(root, split='train' and 'test', download=True)"),
+    **clip_data_tall.READERS,
 }
+assert tuple(_READERS) == TASKS, "every task has one reader, in TASKS' order"
 
 
 def open_task(task: str, root: str | os.PathLike, split: str, transform: Callable | None = None) -> LabeledSplit:
@@ -191,9 +178,10 @@ def open_task(task: str, root: str | os.PathLike, split: str, transform: Callabl
     root = Path(root).expanduser()
     try:
         opened = reader(root, split, transform)
-    except (RuntimeError, OSError, ValueError, KeyError) as err:
+    except _UNREADABLE as err:
+        reason = str(err) or f"a malformed file ({type(err).__name__} in torchvision's reader)"
         raise DatasetNotFoundError(
-            f"{task} ({split} split) could not be read under the data root {str(root)!r}: {err}\n"
+            f"{task} ({split} split) could not be read under the data root {str(root)!r}: {reason}\n"
             f"  expected layout under the data root: {layout}\n"
             f"  where it comes from: {source}"
         ) from err

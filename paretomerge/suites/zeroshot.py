@@ -33,6 +33,31 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "DTD": ("a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} thing.",
             "a photo of a {} object.", "a close-up photo of a {} surface."),
 }
+# The twelve tasks TALL-masks adds take TALL-masks' templates (its src/datasets/templates.py; for most tasks those are
+# CLIP's, from openai/CLIP's data/prompts.md), the ones its fine-tuned checkpoints' heads were built with. open_clip
+# ships templates for ImageNet only.
+_CIFAR_TEMPLATES = (
+    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.", "a low contrast photo of a {}.",
+    "a high contrast photo of a {}.", "a bad photo of a {}.", "a good photo of a {}.", "a photo of a small {}.",
+    "a photo of a big {}.", "a photo of the {}.", "a blurry photo of the {}.", "a black and white photo of the {}.",
+    "a low contrast photo of the {}.", "a high contrast photo of the {}.", "a bad photo of the {}.",
+    "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.",
+)
+TEMPLATES |= {
+    "STL10": ("a photo of a {}.", "a photo of the {}."),
+    "OxfordIIITPet": ("a photo of a {}, a type of pet.",),
+    "Flowers102": ("a photo of a {}, a type of flower.",),
+    "CIFAR100": _CIFAR_TEMPLATES,
+    "PCAM": ("this is a photo of {}",),
+    "FER2013": ("a photo of a {} looking face.", "a photo of a face showing the emotion: {}.",
+                "a photo of a face looking {}.", "a face that looks {}.", "they look {}.", "look at how {} they are."),
+    "CIFAR10": _CIFAR_TEMPLATES,
+    "Food101": ("a photo of {}, a type of food.",),
+    "FashionMNIST": ("a photo of a {}.", "a photo of the {}."),
+    "RenderedSST2": ("a {} review of a movie.",),
+    "EMNIST": ('a photo of the digit character: "{}".',),
+    "KMNIST": ("a photo of the character {}.",),
+}
 
 
 class ZeroShotHead(nn.Module):
