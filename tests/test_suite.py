@@ -19,8 +19,17 @@ from paretomerge.suites.cache import read_entry
 from paretomerge.suites.loaders import EpochShuffle, derive_seed
 from paretomerge.suites.tiny import class_names
 from paretomerge.suites.tiny_build import finetune, pretraining_data
-from paretomerge.suites.tiny_images import DOMAINS, FACTORS, PRETRAINING_STYLE, render, render_task
-from paretomerge.suites.tiny_text import TEMPLATES, UNSEEN, WordTokenizer
+from paretomerge.suites.tiny_images import (
+    ADDED_DOMAINS,
+    ADDED_FACTORS,
+    DOMAINS,
+    FACTORS,
+    PRETRAINING_STYLE,
+    TASK_SETS,
+    render,
+    render_task,
+)
+from paretomerge.suites.tiny_text import ADDED_TEMPLATES, TEMPLATES, UNSEEN, WordTokenizer
 from paretomerge.suites.zeroshot import class_embeddings, zero_shot_head
 from tests.conftest import SMALL_RECIPE, make_trainer
 
@@ -98,6 +107,57 @@ def test_each_task_is_its_own_dataset_varying_only_its_factor(task):
     assert shown == set(domain.elements)
     assert domain.style != PRETRAINING_STYLE  # every dataset looks different from the pretraining images
 
+
+
+@pytest.mark.parametrize("task", list(ADDED_FACTORS))
+def test_each_added_factor_is_drawn_from_its_own_stream_over_its_dataset(task):
+    """An added factor's labels take every class and decide the pixels it draws; its dataset's other factors are
+    held as the domain says; and the image underneath is the one render draws without it (the painter has its own
+    random stream), so the first eight factors' images cannot have moved."""
+    domain = ADDED_DOMAINS[task]
+    r, again = render_task(task, 300, 5), render_task(task, 300, 5)
+    assert torch.equal(r.images, again.images) and torch.equal(r.factors[task], again.factors[task])
+    assert len(torch.unique(r.factors[task])) == len(ADDED_FACTORS[task])
+    for factor, value in domain.fixed.items():
+        assert bool((r.factors[factor] == value).all()), factor
+    base = render(300, 5, "heldout", domain.elements, domain.style, domain.fixed)
+    assert all(torch.equal(r.factors[f], base.factors[f]) for f in FACTORS)
+    unchanged = (r.images == base.images).float().mean().item()
+    assert unchanged < 1.0  # the painter drew something
+    if task != "tint":  # a colour cast touches every pixel; every other element leaves most of the image alone
+        assert unchanged > 0.5, unchanged
+    # The class decides what is drawn: what the painter changed is nearer its own class's mean change than another's.
+    drawn = r.images - base.images
+    means = torch.stack([drawn[r.factors[task] == c].mean(0) for c in range(len(ADDED_FACTORS[task]))])
+    distances = ((drawn[:, None] - means[None]) ** 2).flatten(2).sum(-1)
+    assert (distances.argmin(1) == r.factors[task]).float().mean() > 0.5
+
+
+def test_the_named_task_sets_are_supersets_and_the_added_prompts_use_only_pretraining_words():
+    assert TASK_SETS["tiny8"] == tuple(FACTORS)
+    assert TASK_SETS["tiny14"][:8] == TASK_SETS["tiny8"] and TASK_SETS["tiny20"][:14] == TASK_SETS["tiny14"]
+    assert (len(TASK_SETS["tiny14"]), len(set(TASK_SETS["tiny20"]))) == (14, 20)
+    tokenizer = WordTokenizer()
+    prompts = [t.format(c) for task, names in ADDED_FACTORS.items() for t in ADDED_TEMPLATES[task] for c in names]
+    assert not (tokenizer(prompts) == tokenizer.stoi["<unk>"]).any()
+    assert TinySuite(tasks="tiny14", progress=False).tasks == TASK_SETS["tiny14"]
+    assert TinySuite(tasks=["shape", "frame"], progress=False).tasks == ("shape", "frame")
+    with pytest.raises(ValueError, match="task set 'tiny12'.*tiny8"):
+        TinySuite(tasks="tiny12")
+    with pytest.raises(ValueError, match="unknown TinySuite task.*frames"):
+        TinySuite(tasks=["shape", "frames"])
+
+
+def test_the_eight_task_suites_keep_their_cache_keys():
+    """Adding factors changed nothing the eight-task suites' cache keys depend on (the configuration's JSON: no
+    floating point arithmetic, so the same on every machine): their built weights and every recorded figure hold."""
+    assert TinySuite(seed=0).cache_path.name == "4ed8d89b847fc126"
+    assert TinySuite(seed=0).clip_cache_path.name == "clip-c010c8734274a435"
+    assert TinySuite(seed=1).cache_path.name == "3c52c4ee357b2255"
+    assert TinySuite(tasks=FAST_TASKS, recipe=FAST_RECIPE).cache_path.name == "3c25edeb8455429a"
+    assert TinySuite(tasks="tiny8").cache_path == TinySuite().cache_path
+    wide = TinySuite(tasks="tiny20")  # the same tiny CLIP, its own entry
+    assert wide.clip_cache_path == TinySuite().clip_cache_path and wide.cache_path != TinySuite().cache_path
 
 def test_captions_are_deterministic_name_only_visible_factors_and_use_the_class_words():
     recipe = tiny_module.Recipe(**{**FAST_RECIPE, "pretrain_images": 300})

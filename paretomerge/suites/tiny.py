@@ -37,8 +37,18 @@ from paretomerge.static import static_merge, task_wise
 from paretomerge.suites import cache
 from paretomerge.suites.loaders import derive_seed, epoch_shuffle, top1_accuracy
 from paretomerge.suites.tiny_build import PRETRAINING_FIELDS, Recipe, TinyCLIP, finetune, pretrain, tau_norm_ratio
-from paretomerge.suites.tiny_images import DOMAINS, FACTORS, GENERATOR_VERSION, render_task
-from paretomerge.suites.tiny_text import TEMPLATES, UNSEEN
+from paretomerge.suites.tiny_images import (
+    ADDED_DOMAINS,
+    ADDED_FACTORS,
+    ADDED_GENERATOR_VERSION,
+    DOMAINS,
+    FACTORS,
+    GENERATOR_VERSION,
+    TASK_CLASSES,
+    TASK_SETS,
+    render_task,
+)
+from paretomerge.suites.tiny_text import ADDED_TEMPLATES, TEMPLATES, UNSEEN
 from paretomerge.suites.zeroshot import ZeroShotHead, class_embeddings, zero_shot_head
 
 # The fast variant the tests use: three tasks, a 2-layer width-64 CLIP, half the images and fewer steps. It
@@ -60,15 +70,22 @@ class UnseenTask:
 
 
 def class_names(task: str) -> tuple[str, ...]:
-    """The class names of a factor (`FACTORS`) or an unseen task (`UNSEEN`)."""
-    return UNSEEN[task][2] if task in UNSEEN else FACTORS[task]
+    """The class names of a factor (`FACTORS`, `ADDED_FACTORS`) or an unseen task (`UNSEEN`)."""
+    return UNSEEN[task][2] if task in UNSEEN else TASK_CLASSES[task]
+
+
+def templates(task: str) -> tuple[str, ...]:
+    """The prompt templates of a task's zero-shot head."""
+    return ADDED_TEMPLATES[task] if task in ADDED_TEMPLATES else TEMPLATES[task]
 
 
 class TinySuite(LightningDataModule):
     """The embedded suite.
 
-    tasks:          the merged tasks, 2 to 8 of ``shape colour digit position stripes size count background``
-                    (default: all eight), each with a fine-tuned model.
+    tasks:          the merged tasks, each with a fine-tuned model: a named set, ``tiny8`` (the default: ``shape colour
+                    digit position stripes size count background``), ``tiny14`` or ``tiny20`` (each a superset of the
+                    one before, `TASK_SETS`), or a list of 2 or more of the eight factors and the twelve added ones
+                    (`tiny_images.ADDED_FACTORS`).
     unseen_tasks:   tasks with a zero-shot head and no fine-tuned model (`unseen`): ``warmth`` and ``parity`` (coarse
                     relabellings of colour and digit), or factors not in ``tasks``. Never merged.
     seed:           everything (images, captions, θ0, fine-tuning) derives from it.
@@ -83,7 +100,7 @@ class TinySuite(LightningDataModule):
 
     def __init__(
         self,
-        tasks: Sequence[str] | None = None,
+        tasks: Sequence[str] | str | None = None,
         unseen_tasks: Sequence[str] | None = ("warmth", "parity"),
         seed: int = 0,
         batch_size: int = 16,
@@ -95,18 +112,24 @@ class TinySuite(LightningDataModule):
         progress: bool = True,
     ) -> None:
         super().__init__()
+        if isinstance(tasks, str):
+            if tasks not in TASK_SETS:
+                raise ValueError(f"unknown TinySuite task set {tasks!r}; the named sets are {list(TASK_SETS)}, or "
+                                 f"give a list of tasks from {list(TASK_CLASSES)}")
+            tasks = TASK_SETS[tasks]
         tasks = list(FACTORS) if tasks is None else list(tasks)
         unseen_tasks = [] if unseen_tasks is None else list(unseen_tasks)
         held_out = [t for t in tasks if t in UNSEEN]
         if held_out:
             raise ValueError(f"{held_out} are unseen tasks (a zero-shot head and no fine-tuned model): list them in "
-                             f"unseen_tasks, not tasks; tasks choose from {list(FACTORS)}")
-        unknown = [t for t in tasks if t not in FACTORS]
+                             f"unseen_tasks, not tasks; tasks choose from {list(TASK_CLASSES)}")
+        unknown = [t for t in tasks if t not in TASK_CLASSES]
         if unknown:
-            raise ValueError(f"unknown TinySuite task(s) {unknown}; choose from {list(FACTORS)}")
+            raise ValueError(f"unknown TinySuite task(s) {unknown}; choose from {list(TASK_CLASSES)} or a named "
+                             f"set {list(TASK_SETS)}")
         if len(tasks) < 2 or len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks must name at least 2 distinct factors, got {tasks}")
-        unknown = [t for t in unseen_tasks if t not in UNSEEN and t not in FACTORS]
+        unknown = [t for t in unseen_tasks if t not in UNSEEN and t not in TASK_CLASSES]
         if unknown:
             raise ValueError(f"unknown unseen task(s) {unknown}; choose from {list(UNSEEN)} or factors not in tasks")
         merged = [t for t in unseen_tasks if t in tasks]
@@ -134,11 +157,15 @@ class TinySuite(LightningDataModule):
     @property
     def config(self) -> dict[str, Any]:
         """Everything the built weights and report depend on; its hash names the cache directory."""
-        datasets = {t: asdict(DOMAINS[UNSEEN[t][0] if t in UNSEEN else t]) for t in self.tasks + self.unseen_tasks}
-        return {"suite": "tiny", "generator_version": GENERATOR_VERSION, "tasks": list(self.tasks),
-                "unseen_tasks": list(self.unseen_tasks), "seed": self.hparams.seed,
-                "test_images": self.hparams.test_images, "recipe": self.recipe.to_dict(),
-                "datasets": json.loads(json.dumps(datasets))}
+        named = self.tasks + self.unseen_tasks
+        datasets = {t: asdict({**DOMAINS, **ADDED_DOMAINS}[UNSEEN[t][0] if t in UNSEEN else t]) for t in named}
+        config = {"suite": "tiny", "generator_version": GENERATOR_VERSION, "tasks": list(self.tasks),
+                  "unseen_tasks": list(self.unseen_tasks), "seed": self.hparams.seed,
+                  "test_images": self.hparams.test_images, "recipe": self.recipe.to_dict(),
+                  "datasets": json.loads(json.dumps(datasets))}
+        if any(t in ADDED_FACTORS for t in named):  # only then, so that the eight factors' suites keep their key
+            config["added_generator_version"] = ADDED_GENERATOR_VERSION
+        return config
 
     @property
     def clip_config(self) -> dict[str, Any]:
@@ -213,7 +240,7 @@ class TinySuite(LightningDataModule):
         start = time.perf_counter()
         clip = self.clip_model()
         tokenizer = recipe.tokenizer()
-        weights = {t: class_embeddings(clip, tokenizer, class_names(t), TEMPLATES[t])
+        weights = {t: class_embeddings(clip, tokenizer, class_names(t), templates(t))
                    for t in self.tasks + self.unseen_tasks}
         finetuned = {}
         for k, task in enumerate(self.tasks):
@@ -250,7 +277,7 @@ class TinySuite(LightningDataModule):
             "tau_norm_ratio": {t: tau_norm_ratio(tv.theta0, {n: v[k] for n, v in tv.tau.items()})
                                for k, t in enumerate(self.tasks)},
         }
-        per_task = {t: {column: values[t] for column, values in columns.items()} | {"num_classes": len(FACTORS[t])}
+        per_task = {t: {column: values[t] for column, values in columns.items()} | {"num_classes": len(class_names(t))}
                     for t in self.tasks}
         mean = {column: float(np.mean(list(values.values()))) for column, values in columns.items()}
         unseen_rows = {t: {"zero_shot_accuracy": value, "num_classes": len(class_names(t))}
@@ -355,15 +382,15 @@ def _check_recipe(overrides: dict[str, Any] | None) -> Recipe:
     if bad:
         raise ValueError(f"unknown recipe key(s) {bad}; known: {sorted(known)}")
     recipe = replace(Recipe(), **(overrides or {}))
-    per_factor = {"finetune_effort": (lambda v: v > 0, "positive numbers"),
-                  "mention": (lambda v: 0 <= v <= 1, "probabilities")}
+    per_factor = {"finetune_effort": (TASK_CLASSES, lambda v: v > 0, "positive numbers"),
+                  "mention": (FACTORS, lambda v: 0 <= v <= 1, "probabilities")}
     for f in fields(Recipe):
         value = getattr(recipe, f.name)
         if f.name in per_factor:
-            valid, what = per_factor[f.name]
-            if not isinstance(value, dict) or any(k not in FACTORS or isinstance(v, bool) or not isinstance(
+            keys, valid, what = per_factor[f.name]
+            if not isinstance(value, dict) or any(k not in keys or isinstance(v, bool) or not isinstance(
                     v, (int, float)) or not valid(v) for k, v in value.items()):
-                raise ValueError(f"recipe {f.name} must map factors of {list(FACTORS)} to {what}, got {value!r}")
+                raise ValueError(f"recipe {f.name} must map factors of {list(keys)} to {what}, got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
                 or (f.type == "int" and not isinstance(value, int)):
             raise ValueError(f"recipe {f.name} must be a positive {f.type}, got {value!r}")

@@ -38,6 +38,25 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "parity": ("a photo of an {} number.", "a handwritten {} digit."),
 }
 
+# The added factors' prompts (`tiny_images.ADDED_FACTORS`). They use only words of the pretraining vocabulary (tested),
+# and are kept out of `TEMPLATES` so that the vocabulary, the text tower and θ0 stay what they were. Some must describe
+# a new element with old words ("a picture in red colours" for a red frame): zero-shot transfer is partial by design.
+ADDED_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "frame": ("a photo of something {}.", "a picture in {} colours.", "a {} coloured image."),
+    "digit_position": ("a handwritten digit in the {}.", "a photo of a number at the {}.",
+                       "the digit in the {} corner."),
+    "objects": ("a photo of {} shape.", "a picture with {} object.", "an image of {} thing."),
+    "outline": ("a photo of a {}.", "a picture of a {} shape.", "a drawing of a {}."),
+    "ink": ("a {} handwritten digit.", "a photo of the number in {}.", "a {} coloured digit."),
+    "band": ("a photo with {} lines.", "a picture of {} stripes.", "an image with a {} thing."),
+    "dot_colour": ("a photo of {} dots.", "a picture with {} dots.", "an image of a {} dot."),
+    "digit_size": ("a photo of a {} digit.", "a {} handwritten number.", "an image of a {} number."),
+    "dot_size": ("a photo of {} dots.", "a picture with {} dots.", "an image of a {} dot."),
+    "tint": ("an image in {} colours.", "a {} coloured picture.", "a photo of something {}."),
+    "stripe_colour": ("a photo with {} stripes.", "a picture with {} lines.", "an image with a {} striped background."),
+    "glyph_count": ("a photo of {} digit.", "a picture with {} handwritten number.", "an image of {} number."),
+}
+
 _PREFIXES = ("", "a photo of", "an image of", "a picture of", "a drawing of", "a photo with", "an image with")
 _NOUNS = ("shape", "object", "thing")
 _SPECIAL = ("<pad>", "<unk>")  # ids 0 and 1; <sot> and <eot> take the last two ids
