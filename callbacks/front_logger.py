@@ -23,13 +23,14 @@ global rank zero (the other ranks go on to the next step and wait in its gradien
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from paretomerge.front import (
     evaluate_front,
@@ -82,6 +83,8 @@ class ParetoFrontLogger(L.Callback):
         self._reference: np.ndarray | None = None  # the hypervolume's reference point, for a loss
         self._warned_zero = False
         self._overlays: list[Overlay] | None = None
+        self.seconds = {"evaluating": 0.0, "figures": 0.0}  # this fit's time in the logger, said at its end
+        self.evaluations = 0
 
     # ------------------------------------------------------------------ hooks
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -93,6 +96,10 @@ class ParetoFrontLogger(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_final(trainer, pl_module)
+        if self.evaluations:
+            rank_zero_info(f"ParetoFrontLogger: {self.evaluations} front evaluation(s) of {len(self.preferences)} "
+                           f"preferences on the {self.split} split took {self.seconds['evaluating']:.1f} s, the "
+                           f"figures {self.seconds['figures']:.1f} s")
 
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self.validations}  # so a resumed run keeps the every-N rhythm
@@ -110,9 +117,11 @@ class ParetoFrontLogger(L.Callback):
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tasks = list(pl_module.task_vectors.task_names)
+        start = time.perf_counter()
         self.preferences = module_preferences(pl_module, self.seed)  # one point, the equal one, for AdaMerging
         show = self.progress and trainer.progress_bar_callback is not None
         self.front = evaluate_front(pl_module, trainer.datamodule, self.preferences, show, split=self.split)
+        self.evaluations += 1
         self.evaluated_at = trainer.global_step
         acc, score = self.front.numpy(), score_of(trainer.datamodule)
         reference = self._reference_point(trainer, pl_module)
@@ -138,6 +147,7 @@ class ParetoFrontLogger(L.Callback):
                 label = "equal" if p == 0 else f"onehot_{tasks[int(preference.argmax())]}"
                 metrics.update({f"front/{short}/{label}/{t}": float(acc[p, k]) for k, t in enumerate(tasks)})
         self.metrics = metrics
+        self.seconds["evaluating"] += time.perf_counter() - start
 
     @staticmethod
     def _log_volume(metrics: dict[str, float], key: str, volume: HypervolumeValue) -> None:
@@ -227,6 +237,7 @@ class ParetoFrontLogger(L.Callback):
         writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
         if not writers:
             return
+        start = time.perf_counter()
         tasks = list(pl_module.task_vectors.task_names)
         acc, prefs = self.front.numpy(), self.preferences.numpy()
         overlays = self._baseline_overlays(trainer, pl_module) + self._map_overlays(trainer)
@@ -241,6 +252,7 @@ class ParetoFrontLogger(L.Callback):
                 writer.add_figure(tag, figure, global_step=step, close=False)
             writer.add_text(f"{prefix}/table", table, global_step=step)
             writer.flush()
+        self.seconds["figures"] += time.perf_counter() - start
 
     @rank_zero_only
     def _log_final(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

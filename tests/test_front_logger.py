@@ -95,6 +95,18 @@ def test_scalars_are_the_front_metrics_of_the_evaluated_points(run):
             module_value = list(_scalars(events, f"val/acc/{label}/{task}").values())[-1]
             assert front_value == pytest.approx(module_value, abs=1e-6), (label, task)
     assert _scalars(events, "front/acc/onehot_size/size")[STEPS] == pytest.approx(acc[3, 2])
+    # what it cost, said at the end of fit: two evaluations, and the figures of each plus the final ones
+    assert logger.evaluations == 2 and logger.seconds["evaluating"] > 0 and logger.seconds["figures"] > 0
+
+
+@pytest.mark.parametrize("num_tasks", [8, 14, 20, 30])
+def test_the_preference_set_at_any_k_is_the_equal_one_the_one_hots_then_mixes(num_tasks):
+    preferences = summary_preferences(num_tasks)
+    assert torch.equal(preferences[0], torch.full((num_tasks,), 1.0 / num_tasks))
+    assert torch.equal(preferences[1:num_tasks + 1], torch.eye(num_tasks))
+    mixes = preferences[num_tasks + 1:]
+    assert len(preferences) == max(30, num_tasks + 1) and len(mixes) == max(0, 29 - num_tasks)
+    assert torch.allclose(mixes.sum(1), torch.ones(len(mixes))) and bool((mixes.max(1).values < 1).all())
 
 
 def test_figures_text_and_hparams_are_in_the_event_file(run):
