@@ -139,14 +139,20 @@ def _minimum_pad(score: Score, low: float, high: float) -> float:
     return 0.01 * (scale if scale > 0 else 1.0)
 
 
+# Up to this many tasks the front is also drawn as its K(K-1)/2 pairwise projections; beyond, as parallel coordinates
+# only (benchmarks/README.md, "many_tasks.py": the grid took 17 s per drawing at K = 20, 0.3 s the parallel plot).
+PAIRWISE_MAX_TASKS = 10
+
+
 def front_figures(values: np.ndarray, preferences: np.ndarray, tasks: Sequence[str],
                   overlays: Sequence[Overlay] = (), title: str = "",
                   references: Mapping[str, Sequence[float]] | None = None,
                   score: Score = ACCURACY) -> dict[str, Figure]:
     """The figures of a front ``values [P, K]`` (per-task scores in ``score``: accuracy as fractions, a loss in
-    nats/token) evaluated at ``preferences [P, K]``: ``{"front": ...}`` for K ≤ 3, plus ``"parallel_coordinates"`` for
-    K ≥ 4. ``references``: name → ``[K]`` per-task scores in the same units, e.g. ``{"zero-shot": ...,
-    "individual": ...}``."""
+    nats/token) evaluated at ``preferences [P, K]``: ``{"front": ...}`` for K ≤ 3 (the front), and for 4 ≤ K ≤
+    `PAIRWISE_MAX_TASKS` (its pairwise projections) plus ``"parallel_coordinates"``; beyond, ``"front"`` is the
+    parallel coordinates alone. ``references``: name → ``[K]`` per-task scores in the same units, e.g.
+    ``{"zero-shot": ..., "individual": ...}``."""
     values, preferences = np.asarray(values, dtype=float), np.asarray(preferences, dtype=float)
     num_tasks = len(tasks)
     if values.shape != preferences.shape or values.shape[1] != num_tasks:
@@ -163,6 +169,8 @@ def front_figures(values: np.ndarray, preferences: np.ndarray, tasks: Sequence[s
         return {"front": _scatter_2d(values, preferences, tasks, overlays, title, refs, score)}
     if num_tasks == 3:
         return {"front": _scatter_3d(values, preferences, tasks, overlays, title, refs, score)}
+    if num_tasks > PAIRWISE_MAX_TASKS:  # K(K-1)/2 panels: 190 at K = 20, 17 s to draw and too small to read
+        return {"front": _parallel(values, preferences, tasks, overlays, title, refs, score)}
     return {"front": _pairwise(values, preferences, tasks, overlays, title, refs, score),
             "parallel_coordinates": _parallel(values, preferences, tasks, overlays, title, refs, score)}
 

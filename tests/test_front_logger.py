@@ -28,7 +28,7 @@ from paretomerge.cli import main as cli_main
 from paretomerge.front import individual_scores, summary_preferences
 from paretomerge.kernels.merged_model import MergedModel
 from paretomerge.pareto import front_spread, hypervolume
-from paretomerge.plotting import Overlay, front_figures, front_table, save_figure
+from paretomerge.plotting import PAIRWISE_MAX_TASKS, Overlay, front_figures, front_table, save_figure
 from paretomerge.preferences import front_preferences
 from tests.conftest import make_trainer
 
@@ -282,7 +282,7 @@ def test_front_command_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     assert "not a readable checkpoint" in front_refusal(["--ckpt", str(bad), "--out", str(tmp_path / "f.png")])
 
 
-@pytest.mark.parametrize("num_tasks, names", [(2, ["front"]), (5, ["front", "parallel_coordinates"])])
+@pytest.mark.parametrize("num_tasks, names", [(2, ["front"]), (5, ["front", "parallel_coordinates"]), (11, ["front"])])
 def test_figures_for_two_and_many_tasks(tmp_path, num_tasks, names):
     prefs = front_preferences(num_tasks).numpy()
     acc = 0.5 + 0.4 * prefs
@@ -294,8 +294,10 @@ def test_figures_for_two_and_many_tasks(tmp_path, num_tasks, names):
     if num_tasks == 2:  # every point labelled by its preference
         labels = {t.get_text() for t in figures["front"].axes[0].texts}
         assert labels == {f"({p[0]:.2f}, {p[1]:.2f})" for p in prefs}
-    else:  # a K×K grid of pairwise projections
+    elif num_tasks <= PAIRWISE_MAX_TASKS:  # a K×K grid of pairwise projections
         assert sum(ax.get_visible() and ax.axison for ax in figures["front"].axes) >= num_tasks * (num_tasks - 1) // 2
+    else:  # past 10 tasks, the parallel coordinates alone: one axis, one line per preference
+        assert len(figures["front"].axes) == 1 and len(figures["front"].axes[0].lines) >= len(prefs)
     table = front_table(acc, prefs, tasks)
     assert len(table.splitlines()) == 2 + len(prefs)
 
