@@ -17,6 +17,7 @@ Per (task set, seed), each case in its own process (so that its peak memory is i
     python benchmarks/many_tasks.py --sets tiny20 --seeds 0 --out results.jsonl
     python benchmarks/many_tasks.py --table results.jsonl             # the tables again, from saved results
     python benchmarks/many_tasks.py --quick                           # a smoke test: the fast suite, 5 steps
+    python benchmarks/many_tasks.py --sets tiny14 tiny20 --mixed-tasks 8  # ours with ParetoMerging(mixed_tasks=8)
 
 Every case runs alone on the CPU (2 cores here): do not run another torch process beside it.
 """
@@ -71,7 +72,7 @@ def step_ratio(suite: TinySuite, seed: int, rounds: int) -> float:
     return statistics.median(ratios)
 
 
-def one_case(task_set: str, seed: int, steps: int, rounds: int, quick: bool) -> dict:
+def one_case(task_set: str, seed: int, steps: int, rounds: int, quick: bool, mixed_tasks: int | None = None) -> dict:
     options = dict(QUICK, batch_size=8) if quick else {"tasks": task_set}
     suite = TinySuite(seed=seed, progress=False, **options)
     start = time.perf_counter()
@@ -79,7 +80,7 @@ def one_case(task_set: str, seed: int, steps: int, rounds: int, quick: bool) -> 
     report = suite.build_report
     num_tasks, tasks = tv.num_tasks, list(tv.task_names)
     out = {"set": "fast" if quick else task_set, "seed": seed, "K": num_tasks, "steps": steps,
-           "build_s": report["build_seconds"], "load_s": time.perf_counter() - start}
+           "mixed_tasks": mixed_tasks, "build_s": report["build_seconds"], "load_s": time.perf_counter() - start}
     rows = {"zero_shot": "zero_shot_accuracy", "individual": "individual_accuracy",
             "task_arithmetic": "task_arithmetic_accuracy", "ties": "ties_accuracy"}
     individual = np.array([report["tasks"][t]["individual_accuracy"] for t in tasks])
@@ -93,7 +94,7 @@ def one_case(task_set: str, seed: int, steps: int, rounds: int, quick: bool) -> 
     preferences = summary_preferences(num_tasks, 0)
     out["P"] = len(preferences)
     fronts = {"TA + preference": static_front("task_arithmetic_preference", tv, suite, preferences).numpy()}
-    for method, config in (("ours", {}), ("paper", PAPER_CONFIGURATION)):
+    for method, config in (("ours", {"mixed_tasks": mixed_tasks}), ("paper", PAPER_CONFIGURATION)):
         model = ParetoMerging(seed=seed, **config)
         fitted = trainer(steps)
         start = time.perf_counter()
@@ -126,7 +127,10 @@ def volume(front: dict) -> str:
 
 
 def tables(results: list[dict]) -> str:
-    results = sorted(results, key=lambda r: (r["K"], r["seed"]))
+    results = sorted(results, key=lambda r: (r.get("mixed_tasks") or 0, r["K"], r["seed"]))
+    for r in results:  # ours trained with ParetoMerging(mixed_tasks=m): said in the set's cell
+        if r.get("mixed_tasks") and "mixed" not in r["set"]:
+            r["set"] += f" (mixed {r['mixed_tasks']})"
     lines = ["**Mean test accuracy (%)**, absolute / normalised by the individual models (each task's accuracy over "
              "its fine-tuned model's, averaged)", "",
              "| set | K | seed | zero-shot | individual | TA | TIES | AdaMerging (β_div 0.1) | paper, equal | "
@@ -172,10 +176,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default=None, help="append every result as a JSON line to this file")
     parser.add_argument("--table", default=None, metavar="JSONL", help="print the tables of saved results and stop")
     parser.add_argument("--quick", action="store_true", help="the fast 3-task suite, 5 steps, seed 0: a smoke test")
+    parser.add_argument("--mixed-tasks", type=int, default=None, help="ours' ParetoMerging(mixed_tasks=...)")
     parser.add_argument("--one", nargs=2, metavar=("SET", "SEED"), help=argparse.SUPPRESS)  # a case, in-process
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(one_case(args.one[0], int(args.one[1]), args.steps, args.rounds, args.quick)))
+        print(json.dumps(one_case(args.one[0], int(args.one[1]), args.steps, args.rounds, args.quick,
+                                  args.mixed_tasks)))
         return []
     if args.table:
         results = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
@@ -187,7 +193,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for seed in args.seeds:
         for task_set in args.sets:
             command = [sys.executable, __file__, "--one", task_set, str(seed), "--steps", str(args.steps),
-                       "--rounds", str(args.rounds)] + (["--quick"] if args.quick else [])
+                       "--rounds", str(args.rounds)] + (["--quick"] if args.quick else []) \
+                + ([] if args.mixed_tasks is None else ["--mixed-tasks", str(args.mixed_tasks)])
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{task_set} seed {seed} failed:\n{done.stderr[-4000:]}")

@@ -53,10 +53,20 @@ def preference_for(preference: Sequence[float] | np.ndarray | Tensor | None, tas
     return validate_preference(preference, len(task_names))
 
 
-def sample_dirichlet(num_tasks: int, alpha: float, seed: int, step: int, rank: int = 0) -> Tensor:
-    """γ ~ Dir(α·1), a pure function of ``(seed, step, rank)`` so a resumed run repeats its draws."""
+def sample_dirichlet(num_tasks: int, alpha: float, seed: int, step: int, rank: int = 0,
+                     mixed_tasks: int | None = None) -> Tensor:
+    """γ ~ Dir(α·1), a pure function of ``(seed, step, rank)`` so a resumed run repeats its draws.
+
+    With ``mixed_tasks`` = m < K, γ mixes m tasks chosen uniformly at random (Dir(α·1) over them, 0 elsewhere): a
+    draw's largest weight is then distributed as at K = m whatever K is. With m ≥ K or None the draw is the plain one,
+    the same numbers as before the switch existed."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, step, rank]))
-    return torch.as_tensor(rng.dirichlet(np.full(num_tasks, float(alpha))), dtype=torch.float32)
+    if mixed_tasks is None or mixed_tasks >= num_tasks:
+        return torch.as_tensor(rng.dirichlet(np.full(num_tasks, float(alpha))), dtype=torch.float32)
+    chosen = rng.choice(num_tasks, size=mixed_tasks, replace=False)
+    gamma = np.zeros(num_tasks)
+    gamma[chosen] = rng.dirichlet(np.full(mixed_tasks, float(alpha)))
+    return torch.as_tensor(gamma, dtype=torch.float32)
 
 
 def simplex_grid(num_tasks: int, n_partitions: int) -> Tensor:

@@ -114,7 +114,9 @@ def test_non_finite_loss_stops_with_step_preference_and_task_and_saves_only_good
      ({"beta_div": -0.1}, "beta_div"), ({"preference_floor": 1.0}, "preference_floor"),
      ({"preference_floor": "0.2"}, "preference_floor"),
      ({"preference_coefficients": "yes"}, "preference_coefficients must be true or false"),
-     ({"omega_init": "0.3"}, "omega_init"), ({"omega_init": float("nan")}, "omega_init")],
+     ({"omega_init": "0.3"}, "omega_init"), ({"omega_init": float("nan")}, "omega_init"),
+     ({"mixed_tasks": 1}, "mixed_tasks must be an integer of at least 2"), ({"mixed_tasks": 2.5}, "mixed_tasks"),
+     ({"mixed_tasks": True}, "mixed_tasks")],
 )
 def test_bad_hyperparameters_are_refused(task_vectors, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -262,15 +262,17 @@ def test_all_eight_datasets_load_with_cleaned_class_names_and_disjoint_splits(tm
 
 
 @pytest.mark.slow
-def test_loading_eight_vit_b32_checkpoints_streams_within_the_memory_bound():
+def test_loading_vit_b32_checkpoints_streams_within_the_memory_bound():
+    """Four real-size ViT-B/32 checkpoints (benchmarks/bench_load_memory.py measures eight): the peak stays within
+    θ0 + K task vectors (+30%), below the 2K + 1 models that reading every fine-tuned state dict first would hold."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_load_memory.py"), "--formats", "safetensors",
-                          "--json"], check=True, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          "--tasks", "4", "--json"], check=True, capture_output=True, text=True, cwd=ROOT, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     row = json.loads(out.strip().splitlines()[-1])
-    assert row["tasks"] == 8 and row["model_bytes"] > 300 * 2**20  # K = 8 real-size ViT-B/32 towers
-    assert row["tau_bytes"] == 8 * row["model_bytes"]
-    # peak above the imports' baseline ≤ (K+1) × model bytes × 1.3 (all K in memory at once would be ~1.9)
-    assert row["peak_above_baseline"] <= row["bound"], row
+    assert row["tasks"] == 4 and row["model_bytes"] > 300 * 2**20  # K = 4 real-size ViT-B/32 towers
+    assert row["tau_bytes"] == 4 * row["model_bytes"]
+    # peak above the imports' baseline ≤ (K+1) × model bytes × 1.3 = 6.5 models, against 9 held by eager loading
+    assert row["peak_above_baseline"] <= row["bound"] < (2 * 4 + 1) * row["model_bytes"], row
 
 
 def test_the_clip_configs_parse(monkeypatch, capsys):

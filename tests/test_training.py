@@ -218,10 +218,12 @@ def test_validation_accuracy_is_top1_of_the_merged_model(tmp_path, suite):
             assert metrics[f"val/acc/{label}/{task}"] == pytest.approx(expected, abs=1e-6), (label, task)
 
 
-def test_gamma_is_drawn_per_global_step_and_rank(tmp_path, monkeypatch):
-    """3 batches per epoch and 5 steps, so global_step and batch_idx differ; a fake rank 3 must be used."""
+@pytest.mark.parametrize("mixed_tasks", [None, 2])
+def test_gamma_is_drawn_per_global_step_and_rank(tmp_path, monkeypatch, mixed_tasks):
+    """3 batches per epoch and 5 steps, so global_step and batch_idx differ; a fake rank 3 must be used. With
+    ``mixed_tasks=2`` each γ mixes 2 of the 3 tasks."""
     suite = SyntheticSuite(num_tasks=3, batch_size=8, num_batches=3)
-    model = ParetoMerging(rank=4, seed=11, alpha=0.5)
+    model = ParetoMerging(rank=4, seed=11, alpha=0.5, mixed_tasks=mixed_tasks)
     seen = []
     objective = model.objective
 
@@ -232,10 +234,11 @@ def test_gamma_is_drawn_per_global_step_and_rank(tmp_path, monkeypatch):
     monkeypatch.setattr(model, "objective", spy)
     monkeypatch.setattr(ParetoMerging, "global_rank", property(lambda self: 3))
     make_trainer(tmp_path, max_steps=5, limit_val_batches=0).fit(model, datamodule=suite)
-    expected = [sample_dirichlet(3, 0.5, seed=11, step=s, rank=3) for s in range(5)]
+    expected = [sample_dirichlet(3, 0.5, seed=11, step=s, rank=3, mixed_tasks=mixed_tasks) for s in range(5)]
     assert len(seen) == 5
     for got, want in zip(seen, expected, strict=True):
         assert torch.equal(got, want)
+        assert int((got > 0).sum()) == (3 if mixed_tasks is None else 2)
 
 
 def test_the_paper_configuration_is_spec_section_3_objective_and_model(task_vectors):

@@ -95,6 +95,12 @@ class ParetoMerging(MergingModule):
             on all 3, with a 1.6-2.2x larger four-language hypervolume (docs/method.md, "The ideal point").
         preference_floor: ρ in [0, 1); the smooth-Tchebycheff term weighs the tasks by (1 − ρ)·γ + ρ/K instead of γ,
             so no task is ignored at a one-hot (the model is still built from γ). 0, the default, is SPEC §3's.
+        mixed_tasks: how many tasks one training preference mixes: each γ is then Dir(α) over that many tasks chosen
+            at random (0 elsewhere), so that a draw's largest weight is distributed as at K = mixed_tasks whatever K
+            is. None (the default) mixes all K, SPEC §3's; at K ≤ mixed_tasks the draws are the plain ones, number
+            for number. An opt-in for many tasks, not the default: on the TinySuite's 14- and 20-task sets (seeds
+            0-2) 8 raised 85 of the 102 one-hots' own tasks instead of 79, but cost the equal preference 0.8-3.8
+            points and about half the 20-task hypervolume (benchmarks/README.md, "many_tasks.py").
         seed: seeds the preference tensor's init and every γ draw, keyed by (seed, global_step, rank): one γ per
             optimizer step and process (micro-batches of an accumulated step share it).
     """
@@ -118,6 +124,7 @@ class ParetoMerging(MergingModule):
         preference_coefficients: bool = True,
         beta_div: float = 0.1,
         preference_floor: float = 0.0,
+        mixed_tasks: int | None = None,
         basis_rank: int | float | None = DEFAULT_BASIS_RANK,
         omega_init: float | None = None,
         objective: str | None = None,
@@ -136,6 +143,10 @@ class ParetoMerging(MergingModule):
         if isinstance(preference_floor, bool) or not isinstance(preference_floor, (int, float)) \
                 or not 0.0 <= preference_floor < 1.0:
             raise ValueError(f"preference_floor must be in [0, 1), got {preference_floor!r}")
+        if mixed_tasks is not None and (isinstance(mixed_tasks, bool) or not isinstance(mixed_tasks, int)
+                                        or mixed_tasks < 2):
+            raise ValueError(f"mixed_tasks must be an integer of at least 2 (how many tasks one training preference "
+                             f"mixes), or None to mix all of them; got {mixed_tasks!r}")
         if not isinstance(preference_coefficients, bool):
             raise ValueError(f"preference_coefficients must be true or false, got {preference_coefficients!r}")
         check_beta_div(beta_div)
@@ -240,9 +251,11 @@ class ParetoMerging(MergingModule):
         return self._ideal.to(self.device)
 
     def training_preference(self) -> Tensor:
-        """γ ~ Dir(α·1), keyed by (seed, global_step, rank)."""
+        """γ ~ Dir(α·1) over ``mixed_tasks`` tasks chosen at random (all K where K ≤ mixed_tasks), keyed by (seed,
+        global_step, rank)."""
         hp = self.hparams
-        return sample_dirichlet(self._tv().num_tasks, hp.alpha, hp.seed, self.global_step, self.global_rank)
+        return sample_dirichlet(self._tv().num_tasks, hp.alpha, hp.seed, self.global_step, self.global_rank,
+                                hp.get("mixed_tasks"))
 
     @classmethod
     def upgrade_hyperparameters(cls, stored: Mapping[str, Any]) -> dict[str, Any]:
