@@ -4,16 +4,14 @@
     paretomerge fit --config configs/X.yaml --config configs/ddp.yaml --trainer.devices 8
     paretomerge front --ckpt path.ckpt [--prefs 0.7,0.3 ...] --out front.png
     paretomerge export --ckpt path.ckpt --out pareto_set.safetensors
-    paretomerge export --ckpt path.ckpt --at 0.7,0.3 --format hf --out merged/
+    paretomerge export --ckpt path.ckpt --at 0.7,0.3 --format open_clip|hf --out merged/
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,12 +20,14 @@ import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from paretomerge.callbacks import LogProgressBar
 from paretomerge.front import describe_reference, evaluate_front, module_preferences, static_point
 from paretomerge.modules import AdaMerging, CheckpointError, MergingModule, ParetoMerging
 from paretomerge.modules.checkpoint import MissingModulesError, inspect_checkpoint
-from paretomerge.modules.export import export_pareto_set
+from paretomerge.modules.export import export_model, export_pareto_set, export_preference
 from paretomerge.pareto import measure_hypervolume, non_dominated, score_of
 from paretomerge.plotting import Overlay, front_figures, front_table, save_figure, write_front_csv
 from paretomerge.preferences import validate_preference
@@ -58,6 +58,50 @@ class ParetoMergeCLI(LightningCLI):
                 inspect_checkpoint(path, weights_only)  # before Lightning reads hyperparameters out of it
             except (CheckpointError, FileNotFoundError) as err:
                 sys.exit(f"paretomerge {subcommand}: --ckpt_path {err}")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the hyperparameters stored in ``--ckpt_path`` into the config, where they take precedence,
+        and passes them to the model's constructor. A checkpoint written by an earlier version may hold one retired
+        since or lack one added since: the model class's ``upgrade_hyperparameters`` first turns them into what they
+        mean today, as ``load_from_checkpoint`` does. (This overrides Lightning's own step of the same name.)"""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or not Path(path).is_file():
+            return  # nothing to read ("last", "best"...: Lightning finds those when it fits)
+        stored = dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {})
+        stored.pop("_instantiator", None)
+        try:  # the class the checkpoint names (fitted by the CLI), else the config's (fitted from Python)
+            class_path = stored.pop("_class_path", None) or self.config[subcommand].model.class_path
+            cls = _import_class(class_path, MergingModule, "model")
+        except (AttributeError, ValueError):
+            super()._parse_ckpt_path()  # not a merging module of ours: Lightning's way, as it is
+            return
+        if not stored:
+            return
+        hparams = cls.upgrade_hyperparameters(stored)
+        _say_upgraded(subcommand, path, cls, stored, hparams)
+        update = {"class_path": class_path, "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": update}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
+
+
+def _say_upgraded(subcommand: str, path: str, cls: type, stored: dict[str, Any], hparams: dict[str, Any]) -> None:
+    """One line when a checkpoint's hyperparameters were upgraded: what it resumes with."""
+    added = {k: v for k, v in hparams.items() if k not in stored}
+    dropped = [k for k in stored if k not in hparams]
+    parts = []
+    if added:
+        verb = "resumes" if subcommand == "fit" else "is loaded"
+        parts.append(f"it {verb} as what it was trained as, {', '.join(f'{k}={v!r}' for k, v in added.items())} "
+                     "(hyperparameters it predates; a checkpoint's hyperparameters take precedence over the config)")
+    if dropped:
+        parts.append(f"{', '.join(dropped)} {'is' if len(dropped) == 1 else 'are'} retired and left out")
+    if parts:
+        rank_zero_info(f"paretomerge {subcommand}: {path} was written by an earlier version of {cls.__name__}: "
+                       + "; ".join(parts))
 
 
 _OLD_CALLBACK_PATH = re.compile(r"(?<![\w.])callbacks\.(front_logger|fit_summary|map_baseline)\.(\w+)")
@@ -236,38 +280,44 @@ def front_command(argv: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------- paretomerge export
+MODEL_FORMATS = ("open_clip", "hf")
+
+
 def export_command(argv: list[str]) -> None:
     """``paretomerge export --ckpt X.ckpt --out pareto_set.safetensors``, or one trade-off as an ordinary model:
-    ``paretomerge export --ckpt X.ckpt --at 0.7,0.3 --format hf --out DIR``."""
+    ``paretomerge export --ckpt X.ckpt --at 0.7,0.3 --format open_clip|hf --out DIR``."""
     parser = argparse.ArgumentParser(
         prog="paretomerge export",
         description="Write a checkpoint's Pareto set as one safetensors file (--format pareto-set, the default: the "
                     "preference-independent base, the preference tensor, ours' preference basis, the heads and the "
                     "config; load it with paretomerge.load_pareto_set(path), then .at(preference)), or the model of "
-                    "one preference as an ordinary Hugging Face directory (--format hf --at PREF: config, safetensors "
-                    "and the tokenizer, which AutoModelForCausalLM.from_pretrained loads without paretomerge).")
+                    "one preference, heads included, as an ordinary model that loads without paretomerge: --format "
+                    "open_clip (an open_clip image tower: its state dict and model config) or --format hf (a Hugging "
+                    "Face CLIPVisionModelWithProjection, or a causal LM with its tokenizer). DIR/README.md says how to "
+                    "load it.")
     parser.add_argument("--ckpt", required=True, help="a .ckpt written by paretomerge fit")
     parser.add_argument("--out", help="the file to write (.safetensors; default pareto_set.safetensors), or for "
-                                      "--format hf the directory to create (it must not exist or be empty)")
-    parser.add_argument("--format", choices=("pareto-set", "hf"), default="pareto-set",
-                        help="pareto-set: the whole learned set in one file; hf: the model at --at, for a Hugging Face "
-                             "causal LM")
-    parser.add_argument("--at", metavar="PREF", help="the preference, K comma-separated weights (e.g. 0.7,0.3); "
-                                                     "with --format hf")
-    parser.add_argument("--tokenizer", metavar="DIR", help="with --format hf: the tokenizer directory to write beside "
-                                                           "the model (default: the checkpoint's suite's tokenizer)")
+                                      "--format open_clip|hf the directory to create (it must not exist or be empty)")
+    parser.add_argument("--format", choices=("pareto-set", *MODEL_FORMATS), default="pareto-set",
+                        help="pareto-set: the whole learned set in one file; open_clip, hf: the model at --at")
+    parser.add_argument("--at", metavar="PREF", help="with --format open_clip|hf, the preference: K comma-separated "
+                                                     "weights summing to 1 (e.g. 0.7,0.3), 'equal', or a task's name "
+                                                     "(its one-hot)")
+    parser.add_argument("--tokenizer", metavar="DIR", help="with --format hf for a causal LM: the tokenizer directory "
+                                                           "to write beside it (default: the checkpoint's suite's)")
     parser.add_argument("--cache-dir", help="where the suite's cache lives, if not where it was when fitting")
     args = parser.parse_args(argv)
     if args.format == "pareto-set":
         for option in ("at", "tokenizer"):
             if getattr(args, option) is not None:
-                parser.error(f"--{option} goes with --format hf (the pareto-set export holds every preference)")
+                parser.error(f"--{option} goes with --format open_clip or hf (the pareto-set export holds every "
+                             "preference)")
         out = Path(args.out or "pareto_set.safetensors")
         if out.suffix != ".safetensors":
             parser.error(f"--out must name a .safetensors file, got {str(out)!r}")
     else:
         if not args.out:
-            parser.error("--format hf needs --out DIR, the directory to write the model into")
+            parser.error(f"--format {args.format} needs --out DIR, the directory to write the model into")
         out = Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             parser.error(f"--out {str(out)!r} exists and is not an empty directory; name a new one")
@@ -275,13 +325,13 @@ def export_command(argv: list[str]) -> None:
         model, checkpoint = _load_module(args.ckpt)
     except MissingModulesError as err:
         sys.exit(f"paretomerge export: {err}. The command line cannot build your modules: load the model in Python "
-                 "with that call, then export_pareto_set(model, out)")
+                 "with that call, then export_pareto_set(model, out) or export_model(model, out, ...)")
     except (CheckpointError, FileNotFoundError, ValueError, TypeError, KeyError) as err:
         sys.exit(f"paretomerge export: {err}")
     tv = model.task_vectors
     backbone = sum(t.numel() * t.element_size() for t in tv.backbone.state_dict().values())
-    if args.format == "hf":
-        _export_hf(args, model, checkpoint, out)
+    if args.format != "pareto-set":
+        _export_model(args, model, checkpoint, out)
         return
     path = export_pareto_set(model, out)
     size = path.stat().st_size
@@ -289,46 +339,65 @@ def export_command(argv: list[str]) -> None:
           f"{len(tv.task_names)} tasks")
 
 
-def _export_hf(args: argparse.Namespace, model: MergingModule, checkpoint: dict[str, Any], out: Path) -> None:
-    """``model.at(--at)`` written as a Hugging Face directory with its tokenizer, atomically (a sibling directory
-    renamed into place)."""
+def _export_model(args: argparse.Namespace, model: MergingModule, checkpoint: dict[str, Any], out: Path) -> None:
+    """``model.at(--at)`` written by `export_model` as an open_clip or Hugging Face directory: a causal LM with its
+    tokenizer, an image tower with its heads (and their class names, where the checkpoint's suite can say them)."""
     tasks = list(model.task_vectors.task_names)
+    headless = all(isinstance(head, nn.Identity) for head in model.task_vectors.heads.values())
     try:
         if args.at is None and model.preference_aware:
-            raise ValueError(f"--format hf writes the model of one preference: give --at with {len(tasks)} weights, "
-                             f"one per task ({', '.join(tasks)})")
-        preference = None if args.at is None else _parse_preferences([args.at], len(tasks))[0]
-        net = model.at(preference)
-        if not net.headless or not callable(getattr(net.backbone, "save_pretrained", None)):
-            raise ValueError(f"--format hf writes a Hugging Face causal LM; this checkpoint's model is a "
-                             f"{type(net.backbone).__name__} with task heads: use --format pareto-set, or save "
-                             "model.at(pref).state_dict() from Python")
-        if args.tokenizer is not None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
-        else:
-            suite = _suite_of(args.ckpt, checkpoint, args.cache_dir, progress=True)
-            if not callable(getattr(suite, "tokenizer", None)):
-                raise ValueError(f"the checkpoint's suite {type(suite).__name__} has no tokenizer; give --tokenizer "
-                                 "DIR")
-            tokenizer = suite.tokenizer()
+            raise ValueError(f"--format {args.format} writes the model of one preference: give --at with {len(tasks)} "
+                             f"weights, one per task ({', '.join(tasks)}), 'equal', or a task's name")
+        try:
+            preference = None if args.at is None else export_preference(args.at, tasks)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--at: {err}") from None
+        tokenizer, class_names, note = None, None, ""
+        if headless and args.format == "hf":
+            tokenizer = _tokenizer(args, checkpoint)
+        elif args.tokenizer is not None:
+            raise ValueError("--tokenizer goes with a causal LM; this checkpoint's model has task heads")
+        elif not headless:
+            class_names, note = _class_names(args, checkpoint, tasks)
+        export_model(model, out, format=args.format, at=preference, tokenizer=tokenizer, class_names=class_names)
     except (CheckpointError, OSError, ValueError, TypeError, KeyError) as err:
         sys.exit(f"paretomerge export: {err}")
-    staging = out.with_name(f".{out.name}.writing-{os.getpid()}")
-    try:
-        net.save_pretrained(staging, tokenizer=tokenizer)
-        if out.exists():
-            out.rmdir()  # empty: checked above
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    where = "the preference " + ",".join(f"{v:.4g}" for v in preference.tolist()) if preference is not None else \
-        "its one model"
-    print(f"wrote {out}: {type(net.backbone).__name__} at {where} ({size / 2**20:.1f} MiB with the tokenizer). "
-          f"Load it anywhere: AutoModelForCausalLM.from_pretrained({str(out)!r}), "
-          f"AutoTokenizer.from_pretrained({str(out)!r})")
+    where = "the preference " + ",".join(f"{v:.4g}" for v in preference.tolist()) \
+        if preference is not None and model.preference_aware else "its one model"
+    if headless:
+        print(f"wrote {out}: {type(model.task_vectors.backbone).__name__} at {where} ({size / 2**20:.1f} MiB with the "
+              f"tokenizer). Load it anywhere: AutoModelForCausalLM.from_pretrained({str(out)!r}), "
+              f"AutoTokenizer.from_pretrained({str(out)!r})")
+    else:
+        print(f"wrote {out}: {type(model).__name__} at {where}, {len(tasks)} task heads, as {args.format} "
+              f"({size / 2**20:.1f} MiB){note}. It loads without paretomerge: {out / 'README.md'} has the code")
+
+
+def _tokenizer(args: argparse.Namespace, checkpoint: dict[str, Any]) -> Any:
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    suite = _suite_of(args.ckpt, checkpoint, args.cache_dir, progress=True)
+    if not callable(getattr(suite, "tokenizer", None)):
+        raise ValueError(f"the checkpoint's suite {type(suite).__name__} has no tokenizer; give --tokenizer DIR")
+    return suite.tokenizer()
+
+
+def _class_names(args: argparse.Namespace, checkpoint: dict[str, Any],
+                 tasks: list[str]) -> tuple[dict[str, Any] | None, str]:
+    """task -> class names from the checkpoint's suite (its ``class_names``), and a note where there are none: they
+    only label heads.json, so an export goes on without them."""
+    try:
+        suite = _suite_of(args.ckpt, checkpoint, args.cache_dir, progress=False)
+        names = getattr(suite, "class_names", None)
+        if isinstance(names, dict) and all(t in names for t in tasks):
+            return {t: list(names[t]) for t in tasks}, ""
+        reason = f"its suite {type(suite).__name__} does not name them"
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as err:
+        reason = str(err).splitlines()[0][:200]
+    return None, f"; heads.json gives each head's class count, not its class names ({reason})"
 
 
 _SUBCOMMANDS = {"front": front_command, "export": export_command}

@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from paretomerge import ModuleSpec, ParetoMerging, export_pareto_set, load_pareto_set, recognise
+from paretomerge import ModuleSpec, ParetoMerging, export_model, export_pareto_set, load_pareto_set, recognise
 from paretomerge.cli import main as cli_main
 from paretomerge.modules import CheckpointError
 from paretomerge.suites import CLIPSuite, DatasetNotFoundError, PickledCheckpointError
@@ -149,6 +149,29 @@ def test_vit_b32_end_to_end_three_formats_three_steps_and_the_export(world, tmp_
     backbone = sum(t.numel() * t.element_size() for t in tv.backbone.state_dict().values())
     # ours: the base, the preference basis's int8 factors (K=3) and a small tensor (r=4): about one model
     assert backbone < exported.stat().st_size < 1.1 * backbone
+
+    # One preference's model as an ordinary open_clip and Hugging Face model, heads included (issue 34), loaded by the
+    # code its README.md gives, at ViT-B/32's size (tests/test_export_models.py runs that code where paretomerge
+    # cannot be imported).
+    for fmt in ("open_clip", "hf"):  # what `paretomerge export --format` runs on the loaded .ckpt
+        export_model(model, tmp_path / fmt, format=fmt, at="0.2,0.3,0.5", class_names=suite.class_names)
+    x = torch.cat([images[task][0][:1] for task in E2E_TASKS])
+    trained = model.at([0.2, 0.3, 0.5])
+    with torch.no_grad():
+        embedding = trained.backbone(x)
+        logits = {task: trained.heads[task](embedding) for task in E2E_TASKS}  # = trained(x, task=task)
+    readmes = {name: (tmp_path / name / "README.md").read_text() for name in ("open_clip", "hf")}
+    assert 'model = open_clip.create_model("ViT-B-32", pretrained=None)' in readmes["open_clip"]  # a built-in's name
+    for readme in readmes.values():
+        scope: dict = {}
+        exec(readme.split("```python\n", 1)[1].split("```", 1)[0], scope)
+        with torch.no_grad():
+            loaded = scope["embed"](x)
+            torch.testing.assert_close(loaded, embedding, rtol=1e-5, atol=1e-5)
+            for task in E2E_TASKS:
+                torch.testing.assert_close(scope["logits"](loaded, task), logits[task], rtol=1e-5, atol=1e-5)
+    heads = json.loads((tmp_path / "hf" / "heads.json").read_text())["tasks"]
+    assert heads["MNIST"] == {"classes": list(suite.class_names["MNIST"]), "num_classes": 10, "normalize": True}
 
 
 def test_zero_shot_heads_are_deterministic_and_match_the_text_tower():

@@ -5,7 +5,8 @@ Formats (``to_open_clip_visual`` detects them by their keys):
 - **open_clip**: the visual tower's own keys (``conv1.weight``, ``transformer.resblocks.0.attn.in_proj_weight``...),
   or a whole open_clip model (``visual.`` prefix), as safetensors or a plain ``torch.save`` state dict;
 - **Hugging Face** ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` / ``CLIPModel`` (``vision_model.`` and
-  ``visual_projection.``): renamed, q/k/v fused into ``in_proj_weight``, the projection transposed;
+  ``visual_projection.``): renamed, q/k/v fused into ``in_proj_weight``, the projection transposed
+  (`kernels.clip_towers`, which ``paretomerge export --format hf`` uses the other way);
 - **task_vectors release** (Ilharco et al.): pickled whole ``ImageEncoder`` modules (``model.visual.`` prefix). Pickle
   runs code on load, so it loads only with ``allow_pickle=True``, with a warning; classes that are not importable
   here (the release's ``src.modeling``) are rebuilt as empty ``nn.Module`` shells that hold the weights.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,27 +29,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-HF_PREFIXES = ("vision_model.", "visual_projection.")
-# Hugging Face name (after ``vision_model.``) -> open_clip name, for everything but the fused attention and the
-# projection. ``pre_layrnorm`` is Hugging Face's own spelling.
-_HF_FIXED = {
-    "embeddings.class_embedding": "class_embedding",
-    "embeddings.patch_embedding.weight": "conv1.weight",
-    "embeddings.position_embedding.weight": "positional_embedding",
-    "pre_layrnorm.weight": "ln_pre.weight",
-    "pre_layrnorm.bias": "ln_pre.bias",
-    "post_layernorm.weight": "ln_post.weight",
-    "post_layernorm.bias": "ln_post.bias",
-}
-_HF_LAYER = {
-    "layer_norm1": "ln_1",
-    "layer_norm2": "ln_2",
-    "mlp.fc1": "mlp.c_fc",
-    "mlp.fc2": "mlp.c_proj",
-    "self_attn.out_proj": "attn.out_proj",
-}
-_HF_LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-_HF_IGNORED = ("embeddings.position_ids",)  # a buffer of arange indices, not a weight
+from paretomerge.kernels.clip_towers import HF_PREFIXES, hf_to_open_clip, open_clip_to_hf
+
+__all__ = ["HF_PREFIXES", "PickledCheckpointError", "hf_to_open_clip", "open_clip_to_hf", "read_state_dict",
+           "read_visual_state_dict", "to_open_clip_visual"]
 
 
 class PickledCheckpointError(ValueError):
@@ -119,71 +102,6 @@ def read_visual_state_dict(path: str | os.PathLike, pretrained: Mapping[str, Ten
     if from_hf and "proj" not in visual and "proj" in pretrained:
         visual["proj"] = pretrained["proj"]
     return visual
-
-
-def hf_to_open_clip(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Hugging Face CLIP vision keys -> open_clip visual keys; q/k/v fused, ``visual_projection`` transposed."""
-    out: dict[str, Tensor] = {}
-    attention: dict[tuple[int, str], dict[str, Tensor]] = {}
-    for key, value in state.items():
-        if key.startswith("visual_projection."):
-            if key == "visual_projection.weight":
-                out["proj"] = value.t().contiguous()  # HF Linear [out, in]; open_clip x @ proj, [in, out]
-            continue
-        if not key.startswith("vision_model."):
-            continue  # the text tower of a CLIPModel
-        name = key[len("vision_model."):]
-        if name in _HF_IGNORED:
-            continue
-        if name in _HF_FIXED:
-            out[_HF_FIXED[name]] = value
-            continue
-        match = _HF_LAYER_KEY.match(name)
-        if match is None:
-            raise KeyError(f"unknown Hugging Face CLIP vision key {key!r}")
-        layer, module, kind = int(match.group(1)), match.group(2), match.group(3)
-        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-            attention.setdefault((layer, kind), {})[module[-6]] = value
-            continue
-        if module not in _HF_LAYER:
-            raise KeyError(f"unknown Hugging Face CLIP vision key {key!r}")
-        out[f"transformer.resblocks.{layer}.{_HF_LAYER[module]}.{kind}"] = value
-    for (layer, kind), parts in attention.items():
-        missing = [p for p in "qkv" if p not in parts]
-        if missing:
-            raise KeyError(f"layer {layer} of the Hugging Face checkpoint lacks the {'/'.join(missing)} projection "
-                           f"{kind}")
-        name = "in_proj_weight" if kind == "weight" else "in_proj_bias"
-        out[f"transformer.resblocks.{layer}.attn.{name}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    return out
-
-
-def open_clip_to_hf(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of `hf_to_open_clip` (for exporting, and for testing the mapping both ways)."""
-    fixed = {v: k for k, v in _HF_FIXED.items()}
-    layer_names = {v: k for k, v in _HF_LAYER.items()}
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if key == "proj":
-            out["visual_projection.weight"] = value.t().contiguous()
-        elif key in fixed:
-            out[f"vision_model.{fixed[key]}"] = value
-        else:
-            match = re.match(r"^transformer\.resblocks\.(\d+)\.(.+)$", key)
-            if match is None:
-                raise KeyError(f"unknown open_clip visual key {key!r}")
-            layer, rest = match.group(1), match.group(2)
-            prefix = f"vision_model.encoder.layers.{layer}."
-            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                kind = "weight" if rest.endswith("weight") else "bias"
-                for part, chunk in zip("qkv", value.chunk(3), strict=True):
-                    out[f"{prefix}self_attn.{part}_proj.{kind}"] = chunk.contiguous()
-                continue
-            module, kind = rest.rsplit(".", 1)
-            if module not in layer_names:
-                raise KeyError(f"unknown open_clip visual key {key!r}")
-            out[f"{prefix}{layer_names[module]}.{kind}"] = value
-    return out
 
 
 class _Shell(nn.Module):

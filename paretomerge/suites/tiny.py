@@ -291,6 +291,11 @@ class TinySuite(LightningDataModule):
         return self._load()[0]
 
     @property
+    def class_names(self) -> dict[str, tuple[str, ...]]:
+        """task -> the class names its zero-shot head was built from (as CLIPSuite's; nothing is built)."""
+        return {task: class_names(task) for task in self.tasks}
+
+    @property
     def build_report(self) -> dict[str, Any]:
         """Per task: zero-shot (θ0), individual, Task Arithmetic (0.3), TIES, weight-averaging test accuracy,
         ‖τ_k‖/‖θ0‖ and the number of classes; their means; the unseen tasks' zero-shot accuracy; the build's wall time
