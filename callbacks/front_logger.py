@@ -18,7 +18,13 @@ the same split (`paretomerge.front.reference_point`; logged as ``front/reference
   front metrics (``final/...``) for TensorBoard's HParams tab.
 
 Figures and text need a `TensorBoardLogger`; other loggers get the scalars and hyperparameters. Evaluation runs on
-global rank zero (the other ranks go on to the next step and wait in its gradient all-reduce).
+global rank zero (the other ranks go on to the next step and wait in its first collective).
+
+A SIGTERM (SLURM's preemption signal) while it evaluates stops the evaluation before the next model, so that Lightning
+stops at the end of the step and writes its checkpoint at once instead of after the whole front (which on CLIP takes
+minutes, more than SLURM's grace period). The interrupted evaluation is in the checkpoint (``pending``), and a fit
+resumed from it evaluates that front first and logs it at its step; after a SIGTERM the end-of-fit evaluation is left
+to the resumed fit too.
 """
 
 from __future__ import annotations
@@ -51,6 +57,26 @@ from paretomerge.pareto import (
 from paretomerge.plotting import Overlay, front_figures, front_table
 
 
+class _Stopped(Exception):
+    """The trainer received SIGTERM while the logger evaluated."""
+
+
+class _StopOnSigterm:
+    """A datamodule whose ``evaluate`` raises `_Stopped` once the trainer has received SIGTERM: checked before each
+    model, so a stop waits for one evaluation at most. Everything else is the datamodule's."""
+
+    def __init__(self, trainer: L.Trainer) -> None:
+        self._trainer, self._datamodule = trainer, trainer.datamodule
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._datamodule, name)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self._trainer, "received_sigterm", False):
+            raise _Stopped
+        return self._datamodule.evaluate(*args, **kwargs)
+
+
 class ParetoFrontLogger(L.Callback):
     """every_n_validations: evaluate after every N-th validation (sanity checks excluded).
     split: the labeled split to evaluate (``val``; the test split is the adaptation data).
@@ -78,6 +104,7 @@ class ParetoFrontLogger(L.Callback):
         self.front: torch.Tensor | None = None  # Acc [P, K] of the last evaluation
         self.metrics: dict[str, float] = {}  # scalars of the last evaluation
         self.evaluated_at: int | None = None  # global step of the last evaluation
+        self.pending: int | None = None  # global step of an evaluation a SIGTERM interrupted (in the checkpoint)
         self._individual: np.ndarray | None = None
         self._zero_shot: np.ndarray | None = None
         self._reference: np.ndarray | None = None  # the hypervolume's reference point, for a loss
@@ -94,6 +121,10 @@ class ParetoFrontLogger(L.Callback):
         if self.validations % self.every_n_validations == 0:
             self._log_front(trainer, pl_module)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.pending is not None and self.pending == trainer.global_step:  # resumed from a stop that interrupted it
+            self._log_front(trainer, pl_module)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_final(trainer, pl_module)
         if self.evaluations:
@@ -102,10 +133,13 @@ class ParetoFrontLogger(L.Callback):
                            f"figures {self.seconds['figures']:.1f} s")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"validations": self.validations}  # so a resumed run keeps the every-N rhythm
+        # the every-N rhythm, and the evaluation a stop interrupted, for a resumed run
+        return {"validations": self.validations, "pending": self.pending}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.validations = int(state_dict.get("validations", 0))
+        pending = state_dict.get("pending")
+        self.pending = None if pending is None else int(pending)
 
     # ------------------------------------------------------------------ evaluation
     def _usable(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
@@ -115,23 +149,35 @@ class ParetoFrontLogger(L.Callback):
             return False
         return True
 
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tasks = list(pl_module.task_vectors.task_names)
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """Evaluate and measure the front; False when a SIGTERM stopped it (then ``pending`` keeps the step)."""
+        self.pending = trainer.global_step  # until it is done: a checkpoint written meanwhile records it
         start = time.perf_counter()
-        self.preferences = module_preferences(pl_module, self.seed)  # one point, the equal one, for AdaMerging
+        try:
+            self._evaluate_front(trainer, pl_module, _StopOnSigterm(trainer))
+        except _Stopped:
+            rank_zero_info(f"ParetoFrontLogger: SIGTERM while evaluating the front at step {trainer.global_step}: "
+                           "stopped, so that the checkpoint is written now; a fit resumed from it evaluates this front")
+            return False
+        finally:
+            self.seconds["evaluating"] += time.perf_counter() - start
+        self.pending = None
+        return True
+
+    def _evaluate_front(self, trainer: L.Trainer, pl_module: L.LightningModule, data: Any) -> None:
+        tasks = list(pl_module.task_vectors.task_names)
+        preferences = module_preferences(pl_module, self.seed)  # one point, the equal one, for AdaMerging
         show = self.progress and trainer.progress_bar_callback is not None
-        self.front = evaluate_front(pl_module, trainer.datamodule, self.preferences, show, split=self.split)
-        self.evaluations += 1
-        self.evaluated_at = trainer.global_step
-        acc, score = self.front.numpy(), score_of(trainer.datamodule)
-        reference = self._reference_point(trainer, pl_module)
+        front = evaluate_front(pl_module, data, preferences, show, split=self.split)
+        acc, score = front.numpy(), score_of(data)
+        reference = self._reference_point(data, pl_module)
         metrics = {"front/spread": front_spread(acc, score),
                    "front/non_dominated": float(len(non_dominated(acc, score)))}
         if score.higher_is_better or reference is not None:
             self._log_volume(metrics, "front/hypervolume", measure_hypervolume(acc, score=score, reference=reference))
         if reference is not None:
             metrics.update({f"front/reference/{t}": float(v) for t, v in zip(tasks, reference, strict=True)})
-        individual = self._individual_scores(trainer, pl_module)
+        individual = self._individual_scores(data, pl_module)
         scale = None if individual is None or "front/hypervolume" not in metrics else \
             individual_gains(individual, score, reference)
         if scale is not None and (scale > 0).all():
@@ -141,13 +187,15 @@ class ParetoFrontLogger(L.Callback):
             rank_zero_warn(f"ParetoFrontLogger: a fine-tuned model is no better than the reference on its own task "
                            f"({individual.tolist()}); front/hypervolume_normalised is not logged")
         short = "acc" if score.name == "accuracy" else score.name
-        for p, preference in enumerate(self.preferences):
+        for p, preference in enumerate(preferences):
             one_hot = torch.isclose(preference.max(), torch.tensor(1.0))
             if p == 0 or one_hot:
                 label = "equal" if p == 0 else f"onehot_{tasks[int(preference.argmax())]}"
                 metrics.update({f"front/{short}/{label}/{t}": float(acc[p, k]) for k, t in enumerate(tasks)})
-        self.metrics = metrics
-        self.seconds["evaluating"] += time.perf_counter() - start
+        # kept only when whole: a stop half-way leaves the last evaluation's
+        self.preferences, self.front, self.metrics = preferences, front, metrics
+        self.evaluations += 1
+        self.evaluated_at = trainer.global_step
 
     @staticmethod
     def _log_volume(metrics: dict[str, float], key: str, volume: HypervolumeValue) -> None:
@@ -156,49 +204,48 @@ class ParetoFrontLogger(L.Callback):
         if volume.method != "exact":
             metrics[f"{key}_error"] = volume.error
 
-    def _reference_point(self, trainer: L.Trainer, pl_module: L.LightningModule) -> np.ndarray | None:
+    def _reference_point(self, data: Any, pl_module: L.LightningModule) -> np.ndarray | None:
         """The hypervolume's reference point on the evaluated split (None for accuracy), computed once."""
-        if self._reference is None and not score_of(trainer.datamodule).higher_is_better:
-            tv = self._original_task_vectors(trainer, pl_module)
-            self._reference = reference_point(tv, trainer.datamodule, self.split)
+        if self._reference is None and not score_of(data).higher_is_better:
+            tv = self._original_task_vectors(data, pl_module)
+            self._reference = reference_point(tv, data, self.split)
         return self._reference
 
-    def _individual_scores(self, trainer: L.Trainer, pl_module: L.LightningModule) -> np.ndarray | None:
+    def _individual_scores(self, data: Any, pl_module: L.LightningModule) -> np.ndarray | None:
         """Each fine-tuned model θ0 + τ_k on task k of the evaluated split (computed once)."""
         if self._individual is None:
-            tv = self._original_task_vectors(trainer, pl_module)
+            tv = self._original_task_vectors(data, pl_module)
             if tv is not None:
-                self._individual = individual_scores(tv, trainer.datamodule, self.split)
+                self._individual = individual_scores(tv, data, self.split)
         return self._individual
 
-    def _references(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, np.ndarray]:
+    def _references(self, data: Any, pl_module: L.LightningModule) -> dict[str, np.ndarray]:
         """The figures' reference scores ``[K]`` on the evaluated split: θ0 with its heads (zero-shot) and each
         fine-tuned model on its own task (individual), each computed once; none without the original task vectors."""
         if self._zero_shot is None:
-            tv = self._original_task_vectors(trainer, pl_module)
+            tv = self._original_task_vectors(data, pl_module)
             if tv is None:
                 return {}
-            self._zero_shot = zero_shot_scores(tv, trainer.datamodule, self.split)
-        return {"zero-shot": self._zero_shot, "individual": self._individual_scores(trainer, pl_module)}
+            self._zero_shot = zero_shot_scores(tv, data, self.split)
+        return {"zero-shot": self._zero_shot, "individual": self._individual_scores(data, pl_module)}
 
     @staticmethod
-    def _original_task_vectors(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+    def _original_task_vectors(data: Any, pl_module: L.LightningModule) -> Any:
         """The datamodule's task vectors (not TIES-preprocessed), else the module's when it has them."""
-        provider = getattr(trainer.datamodule, "task_vectors", None)
+        provider = getattr(data, "task_vectors", None)
         if provider is not None:
             return provider().to(pl_module.device)
         tv = pl_module.task_vectors
         return tv if tv.has_task_vectors else None
 
-    def _baseline_overlays(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Overlay]:
+    def _baseline_overlays(self, data: Any, pl_module: L.LightningModule) -> list[Overlay]:
         """Task Arithmetic and AdaMerging, evaluated once (they do not change while training)."""
         if self._overlays is None:
-            self._overlays = []
+            overlays = []
             tasks = list(pl_module.task_vectors.task_names)
-            tv = self._original_task_vectors(trainer, pl_module) if self.baselines else None
+            tv = self._original_task_vectors(data, pl_module) if self.baselines else None
             if tv is not None:
-                self._overlays.append(Overlay("Task Arithmetic",
-                                              static_point("task_arithmetic", tv, trainer.datamodule, self.split)))
+                overlays.append(Overlay("Task Arithmetic", static_point("task_arithmetic", tv, data, self.split)))
             if self.adamerging_ckpt:
                 from paretomerge.modules import AdaMerging
 
@@ -206,8 +253,9 @@ class ParetoFrontLogger(L.Callback):
                 if list(net.task_names) != tasks:
                     raise ValueError(f"adamerging_ckpt {self.adamerging_ckpt!r} has tasks {list(net.task_names)}, "
                                      f"this run has {tasks}")
-                accuracy = trainer.datamodule.evaluate(net, split=self.split)
-                self._overlays.append(Overlay("AdaMerging", np.array([[accuracy[t] for t in tasks]])))
+                accuracy = data.evaluate(net, split=self.split)
+                overlays.append(Overlay("AdaMerging", np.array([[accuracy[t] for t in tasks]])))
+            self._overlays = overlays
         return list(self._overlays)
 
     @staticmethod
@@ -225,9 +273,8 @@ class ParetoFrontLogger(L.Callback):
     # ------------------------------------------------------------------ logging
     @rank_zero_only
     def _log_front(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._usable(trainer, pl_module):
+        if not self._usable(trainer, pl_module) or not self._evaluate(trainer, pl_module):
             return
-        self._evaluate(trainer, pl_module)
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics(self.metrics, step=step)
@@ -238,13 +285,18 @@ class ParetoFrontLogger(L.Callback):
         if not writers:
             return
         start = time.perf_counter()
+        data = _StopOnSigterm(trainer)
         tasks = list(pl_module.task_vectors.task_names)
         acc, prefs = self.front.numpy(), self.preferences.numpy()
-        overlays = self._baseline_overlays(trainer, pl_module) + self._map_overlays(trainer)
+        try:  # the baselines and references are evaluated at the first drawing
+            overlays = self._baseline_overlays(data, pl_module) + self._map_overlays(trainer)
+            references = self._references(data, pl_module)
+        except _Stopped:
+            rank_zero_info(f"ParetoFrontLogger: SIGTERM; the {prefix} figures of step {step} are not drawn")
+            return
         title = f"{type(pl_module).__name__}, step {step}, {self.split} split"
         score = score_of(trainer.datamodule)
-        figures = front_figures(acc, prefs, tasks, overlays, title=title,
-                                references=self._references(trainer, pl_module), score=score)
+        figures = front_figures(acc, prefs, tasks, overlays, title=title, references=references, score=score)
         table = front_table(acc, prefs, tasks, markdown=True, score=score)
         for writer in writers:
             for name, figure in figures.items():
@@ -259,7 +311,10 @@ class ParetoFrontLogger(L.Callback):
         if not self._usable(trainer, pl_module):
             return
         if self.evaluated_at != trainer.global_step:  # no evaluation at the last step: evaluate now
-            self._evaluate(trainer, pl_module)
+            if getattr(trainer, "received_sigterm", False) or not self._evaluate(trainer, pl_module):
+                rank_zero_info("ParetoFrontLogger: SIGTERM; the final front is left to a fit resumed from the "
+                               "checkpoint")
+                return
             for logger in trainer.loggers:
                 logger.log_metrics(self.metrics, step=trainer.global_step)
         self._log_figures(trainer, pl_module, "front/final", trainer.global_step)

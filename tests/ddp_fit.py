@@ -21,11 +21,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from paretomerge import AdaMerging, ParetoMerging
 from paretomerge.callbacks import FitSummary, MAPBaseline, ParetoFrontLogger
+from paretomerge.modules.ddp import TimedDDPStrategy
 from paretomerge.suites import FAST_TASKS, TinyLMSuite, TinySuite
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root, for tests.*
@@ -104,8 +104,10 @@ def fit(out: Path, method: str, steps: int, suite: TinySuite | TinyLMSuite) -> N
     model = {"pareto": lambda: ParetoMerging(rank=4, seed=0), "adamerging": AdaMerging,
              "tinylm": lambda: ParetoMerging(rank=2, seed=0, beta_div=0.0)}[method]()
     traffic = {"bytes": 0, "buckets": 0}
-    # The module registers no buffers (θ0, τ and the heads live outside it), so DDP has none to broadcast.
-    strategy = DDPStrategy(process_group_backend="gloo")
+    # The module registers no buffers (θ0, τ and the heads live outside it), so DDP has none to broadcast. The
+    # strategy is configs/ddp.yaml's: its training steps are bounded by step_timeout (3 minutes) and nothing here
+    # waits that long, not even rank 1 while rank 0 alone runs MAP, the front and the summary.
+    strategy = TimedDDPStrategy(process_group_backend="gloo")
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, val_check_interval=steps // 2,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,

@@ -5,7 +5,8 @@ Checked: the fit completes for Pareto Merging and AdaMerging, and for Pareto Mer
 batches, the next-token loss); λ and the preference tensor end identical on both ranks; the ranks saw different
 images (or sequences) and drew different γ, keyed by (seed, step, rank); DDP wraps and all-reduces only the
 trainable parameters (4 bytes each per step), never θ0, τ or the heads; validation metrics are synced; the suite is
-built once, by one process, while the other waits.
+built once, by one process, while the other waits; configs/ddp.yaml's collective timeouts reach the strategy (a hung
+rank: tests/test_preemption.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from paretomerge import AdaMerging, ParetoMerging
+from paretomerge.modules.ddp import DEFAULT_STEP_TIMEOUT, TimedDDPStrategy, collective_failure
 from paretomerge.preferences import sample_dirichlet
 from paretomerge.suites import FAST_TASKS, TinyLMSuite, TinySuite
 from tests.conftest import SMALL_RECIPE
@@ -197,7 +200,29 @@ def test_ddp_config_through_the_cli(pareto_fit, cache, tmp_path):
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "Starting with 2 processes" in result.stdout + result.stderr
+    # configs/ddp.yaml's collective timeouts reach the strategy (jsonargparse reads "h:m:s" as a timedelta)
+    assert "TimedDDPStrategy: a training step's collectives time out after 0:03:00 (step_timeout), every other " \
+           "collective after 0:30:00 (timeout)" in result.stdout + result.stderr
     assert "test accuracy (%) per task" in result.stdout and "PM equal" in result.stdout  # FitSummary on rank zero
     checkpoint = tmp_path / "lightning_logs" / "tiny_fast" / "version_0" / "checkpoints" / "last.ckpt"
     model = ParetoMerging.load_from_checkpoint(checkpoint)
     assert model.at([1, 0, 0]) is not None
+
+
+def test_a_collective_timeout_is_told_from_other_errors_and_bad_bounds_are_refused():
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] "
+    assert collective_failure(RuntimeError(gloo + "Timed out waiting 10000ms for recv operation to complete")) \
+        == "timeout"
+    assert collective_failure(RuntimeError("Application timeout caused pair closure")) == "timeout"
+    assert collective_failure(RuntimeError(gloo.replace("unbound_buffer", "pair") + "Connection closed by peer "
+                                           "[127.0.0.1]:24721")) == "lost"
+    assert collective_failure(RuntimeError("DataLoader timed out after 5 seconds")) is None  # not a collective
+    assert collective_failure(ValueError(gloo + "Timed out")) is None
+    with pytest.raises(ValueError, match="step_timeout must be a positive timedelta"):
+        TimedDDPStrategy(step_timeout=timedelta(0))
+    with pytest.raises(ValueError, match="step_timeout must be a positive timedelta"):
+        TimedDDPStrategy(step_timeout=180)
+    with pytest.raises(ValueError, match=r"step_timeout \(1:00:00\) must not exceed timeout \(0:30:00\)"):
+        TimedDDPStrategy(step_timeout=timedelta(hours=1), timeout=timedelta(minutes=30))
+    assert TimedDDPStrategy().step_timeout == DEFAULT_STEP_TIMEOUT == timedelta(minutes=3)
+    assert TimedDDPStrategy(step_timeout=None).step_timeout is None  # Lightning's behaviour: `timeout` everywhere
