@@ -84,6 +84,34 @@ def test_the_truncated_basis_is_each_task_vectors_best_rank_r_approximation(monk
     assert basis.nbytes() < (0.05 if bits else 0.2) * tv.nbytes()
 
 
+def test_the_int8_codes_do_not_depend_on_threads_or_the_input_precision():
+    """The same task vectors give the same int8 codes with 1 and 2 threads and given in float32 or float64
+    (benchmarks/bench_reproducible.py also varies the CPU's vector instructions). Three tasks of a decaying spectrum
+    and one of rank 3, so that rank 16 reaches into numerical noise, whose directions are arbitrary."""
+    generator = torch.Generator().manual_seed(5)
+    spectrum = 0.7 ** torch.arange(64.0)
+    tau = torch.stack([torch.randn(192, 64, generator=generator) * spectrum @ torch.randn(64, 384, generator=generator)
+                       for _ in range(3)] + [torch.randn(192, 3, generator=generator)
+                                              @ torch.randn(3, 384, generator=generator)]) * 1e-3
+    threads = torch.get_num_threads()
+
+    def codes(values, num_threads):
+        torch.set_num_threads(num_threads)
+        try:
+            left, right = PreferenceBasis.truncated({"w": values}, 16).factors["w"]
+        finally:
+            torch.set_num_threads(threads)
+        return torch.cat([left.codes.flatten(), right.codes.flatten()])
+
+    reference = codes(tau, 2)
+    assert reference.numel() == 4 * 16 * (192 + 384)
+    for values, num_threads in ((tau, 1), (tau.double(), 2), (tau.double(), 1)):
+        assert int((codes(values, num_threads) != reference).sum()) == 0, (values.dtype, num_threads)
+    # the rank-3 task's components past its rank are noise, stored as zeros
+    left, right = PreferenceBasis.truncated({"w": tau}, 16).factors["w"]
+    assert not left.codes[:, 3, 3:].any() and not right.codes[:, 3, 3:].any() and right.codes[:, 3, :3].any()
+
+
 def test_the_layout_rule_dense_where_factors_would_not_be_smaller_and_fractions_of_the_layer_rank():
     assert layer_rank((32,), 4) == 0  # 1-D: left out of a truncated basis
     assert layer_rank((32,), None) is None and layer_rank((96, 32), None) is None  # the full basis: all dense

@@ -75,14 +75,16 @@ class Factor:
 
     @classmethod
     def quantize(cls, values: Tensor, bits: int | None) -> Factor:
-        """Symmetric per-column quantization: each column divided by its largest magnitude over 127, rounded."""
+        """Symmetric per-column quantization: each column divided by its largest magnitude over 127, rounded (in the
+        values' precision; the scale is kept in float32 at least)."""
         if bits is None:
             return cls(values)
         if bits != 8:
             raise ValueError(f"factors are stored in 8 bits or as floats, not {bits}")
         scale = values.abs().amax(dim=0) / 127.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return cls(torch.round(values / scale).clamp_(-127, 127).to(torch.int8), scale)
+        codes = torch.round(values / scale).clamp_(-127, 127).to(torch.int8)
+        return cls(codes, scale.to(torch.float32) if scale.dtype == torch.float64 else scale)
 
     def values(self, dtype: torch.dtype) -> Tensor:
         """The factor ``[rows, K, r]`` in ``dtype`` (codes × scale)."""
@@ -127,7 +129,7 @@ class PreferenceBasis:
     @classmethod
     @torch.no_grad()
     def truncated(cls, tau: Mapping[str, Tensor], rank: int | float | None) -> PreferenceBasis:
-        """Each ≥2-D task vector's truncated SVD at `layer_rank` (computed in float32 at least), stored as
+        """Each ≥2-D task vector's truncated SVD at `layer_rank` (computed in float64), stored as
         `FACTOR_BITS` says (int8 codes with float32 scales, or floats in τ's dtype); dense where factors would not be
         smaller; other layers left out. ``rank=None`` is `full`."""
         rank = check_rank(rank)
@@ -144,9 +146,10 @@ class PreferenceBasis:
             if r is None:
                 dense[name] = tau[name]
                 continue
-            left, right = truncated_svd(tau[name], r)  # in float32 at least: quantized from there
+            left, right = truncated_svd(tau[name], r)  # in float64: quantized from there
             if FACTOR_BITS is None:
-                left, right = left.to(tau[name].dtype), right.to(tau[name].dtype)
+                dtype = torch.promote_types(tau[name].dtype, torch.float32)
+                left, right = left.to(dtype), right.to(dtype)
             factors[name] = (Factor.quantize(left, FACTOR_BITS), Factor.quantize(right, FACTOR_BITS))
         return cls(shapes, num_tasks, dense, factors)
 
@@ -302,25 +305,37 @@ def _check_finite(name: str, value: Tensor) -> None:
         raise ValueError(f"the preference basis of layer {name!r} contains NaN or inf")
 
 
+#: A singular component below this fraction of its matrix's largest is numerical noise (a float32 task vector's
+#: rounding sits near 1e-7 of it): stored as zeros, since its direction is arbitrary and differs between machines.
+NULL_COMPONENT = 1e-6
+
+
 @torch.no_grad()
 def truncated_svd(tau: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """``left [m, K, r]``, ``right [n, K, r]`` with ``left[:, k] @ right[:, k].T`` the best rank-``r`` approximation
     (Eckart–Young) of ``tau[k]`` as an ``[m, n]`` matrix: ``left`` the top singular vectors scaled by their singular
-    values, ``right`` unit singular vectors, in float32 at least (the dtype they are returned in).
+    values, ``right`` unit singular vectors, in float64.
 
-    From the eigenvectors of the small Gram matrix (``τ τᵀ`` or ``τᵀ τ``, eigh in float64) rather than a full SVD: a
-    full SVD of a fine-tuning update, whose spectrum decays, took 20x as long on the CPU for the same rank-16 factors
-    (to about 1e-5 relatively; `benchmarks/bench_basis_svd.py`), and the factors are quantized to int8 anyway."""
+    From the eigenvectors of the small Gram matrix (``τ τᵀ`` or ``τᵀ τ``) rather than a full SVD: a full SVD of a
+    fine-tuning update, whose spectrum decays, took 20x as long on the CPU for the same rank-16 factors (to about 1e-5
+    relatively; `benchmarks/bench_basis_svd.py`). Made to give the same numbers on any machine, so that the int8
+    codes quantized from them do too (`benchmarks/bench_reproducible.py`): every product is taken in float64 (a
+    float32 Gram matrix differed between CPUs' vector paths), each singular vector's sign is fixed (its largest entry
+    positive; LAPACK's is arbitrary), and components below `NULL_COMPONENT` of the largest, whose directions are
+    noise, are zeros."""
     num_tasks = tau.shape[0]
     m, n = matrix_shape(tuple(tau.shape[1:]))
-    work = tau.reshape(num_tasks, m, n)
-    work = work.to(torch.promote_types(work.dtype, torch.float32))
+    work = tau.reshape(num_tasks, m, n).double()
     wide = m <= n
     small = work if wide else work.mT  # [K, min(m, n), max(m, n)]
-    _, vectors = torch.linalg.eigh((small @ small.mT).double())  # ascending eigenvalues
-    top = vectors[..., -rank:].flip(-1).to(work.dtype)  # [K, min, r]: singular vectors of the short side
+    _, vectors = torch.linalg.eigh(small @ small.mT)  # ascending eigenvalues
+    top = vectors[..., -rank:].flip(-1)  # [K, min, r]: singular vectors of the short side
+    peak = top.abs().argmax(dim=-2, keepdim=True)
+    top = top * torch.where(top.gather(-2, peak) < 0, -1.0, 1.0)  # the sign: the largest entry positive
     other = small.mT @ top  # [K, max, r]: the long side's singular vectors times the singular values
-    values = other.norm(dim=-2, keepdim=True)
+    values = other.norm(dim=-2, keepdim=True)  # [K, 1, r]
+    live = values > NULL_COMPONENT * values.amax(dim=-1, keepdim=True)
+    top, other = top * live, other * live
     if wide:  # τ = (U S) Vᵀ with U = top, V S = other
         left, right = top * values, other / values.clamp_min(torch.finfo(values.dtype).tiny)
     else:  # τ = (U S) Vᵀ with V = top, U S = other
