@@ -7,7 +7,7 @@ ATEN_CPU_CAPABILITY (torch's own kernels), MKL_ENABLE_INSTRUCTIONS (BLAS), ONEDN
 OMP_NUM_THREADS / MKL_NUM_THREADS. A variant this CPU cannot run falls back to what it can.
 
     python benchmarks/bench_reproducible.py --part basis    # int8 codes of the 8-task TinySuite's basis (a minute)
-    python benchmarks/bench_reproducible.py --part fit      # the main job under each variant (~3 min each)
+    python benchmarks/bench_reproducible.py --part fit      # the main job under each variant (~1.5 min each here)
 
 `--part basis` also takes the task vectors in float64 (the same numbers): the codes must not depend on it either.
 Every run must be alone on the CPU: do not run another torch process beside it.

@@ -27,10 +27,11 @@ from paretomerge.callbacks import LogProgressBar
 from paretomerge.front import describe_reference, evaluate_front, module_preferences, static_point
 from paretomerge.modules import AdaMerging, CheckpointError, MergingModule, ParetoMerging
 from paretomerge.modules.checkpoint import MissingModulesError, inspect_checkpoint
-from paretomerge.modules.export import export_model, export_pareto_set, export_preference
+from paretomerge.modules.export import export_model, export_pareto_set
+from paretomerge.modules.formats import FORMATS
 from paretomerge.pareto import measure_hypervolume, non_dominated, score_of
 from paretomerge.plotting import Overlay, front_figures, front_table, save_figure, write_front_csv
-from paretomerge.preferences import validate_preference
+from paretomerge.preferences import export_preference, validate_preference
 from paretomerge.progress import interactive
 
 _SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry"}
@@ -280,9 +281,6 @@ def front_command(argv: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------- paretomerge export
-MODEL_FORMATS = ("open_clip", "hf")
-
-
 def export_command(argv: list[str]) -> None:
     """``paretomerge export --ckpt X.ckpt --out pareto_set.safetensors``, or one trade-off as an ordinary model:
     ``paretomerge export --ckpt X.ckpt --at 0.7,0.3 --format open_clip|hf --out DIR``."""
@@ -298,7 +296,7 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--ckpt", required=True, help="a .ckpt written by paretomerge fit")
     parser.add_argument("--out", help="the file to write (.safetensors; default pareto_set.safetensors), or for "
                                       "--format open_clip|hf the directory to create (it must not exist or be empty)")
-    parser.add_argument("--format", choices=("pareto-set", *MODEL_FORMATS), default="pareto-set",
+    parser.add_argument("--format", choices=("pareto-set", *FORMATS), default="pareto-set",
                         help="pareto-set: the whole learned set in one file; open_clip, hf: the model at --at")
     parser.add_argument("--at", metavar="PREF", help="with --format open_clip|hf, the preference: K comma-separated "
                                                      "weights summing to 1 (e.g. 0.7,0.3), 'equal', or a task's name "

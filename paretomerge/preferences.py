@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -96,3 +97,50 @@ def front_preferences(num_tasks: int, seed: int = 0, total: int = 30) -> Tensor:
         return simplex_grid(3, 7)
     fixed = equal_and_one_hots(num_tasks)
     return torch.cat([fixed, dirichlet_set(num_tasks, max(total - fixed.shape[0], 0), seed)])
+
+
+#: how far from 1 an export's preference may sum
+PREFERENCE_TOLERANCE = 1e-6
+
+
+def export_preference(value: str | Sequence[float] | Tensor, task_names: Sequence[str]) -> Tensor:
+    """The preference an export is asked for, read strictly: ``K`` numbers (a sequence, or a string of K
+    comma-separated numbers), ``"equal"``, or a task's name (its one-hot). Refused, naming the problem: a wrong
+    length, a negative, NaN or infinite entry, or a sum that is not 1 within `PREFERENCE_TOLERANCE` (an export records
+    the preference it was asked for, so nothing is normalised). Returns float32 ``[K]``."""
+    names, k = list(task_names), len(task_names)
+    how = (f"write {k} comma-separated numbers that sum to 1 (e.g. {','.join([f'{1 / k:.4g}'] * k)}), 'equal', or a "
+           f"task's name for its one-hot ({', '.join(names)})")
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "equal":
+            return torch.full((k,), 1.0 / k)
+        if text in names:
+            return torch.nn.functional.one_hot(torch.tensor(names.index(text)), k).float()
+        try:
+            values = [float(v) for v in text.replace(" ", "").split(",")]
+        except ValueError:
+            raise ValueError(f"preference {value!r} is neither numbers, 'equal' nor a task's name: {how}") from None
+    elif isinstance(value, Tensor):
+        if value.dim() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"preference must be {k} real numbers, got a {value.dtype} tensor of shape "
+                             f"{tuple(value.shape)}")
+        values = value.detach().cpu().double().tolist()
+    else:
+        try:
+            values = [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise TypeError(f"preference must be a string or a sequence of {k} numbers, got {value!r}") from None
+    if len(values) != k:
+        raise ValueError(f"preference {value!r} has {len(values)} entries, but the model has {k} tasks "
+                         f"({', '.join(names)}): {how}")
+    bad = [f"{t}={v}" for t, v in zip(names, values, strict=True) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"preference {value!r} has non-finite entries ({', '.join(bad)}): {how}")
+    bad = [f"{t}={v}" for t, v in zip(names, values, strict=True) if v < 0]
+    if bad:
+        raise ValueError(f"preference {value!r} has negative entries ({', '.join(bad)}): {how}")
+    total = math.fsum(values)
+    if abs(total - 1.0) > PREFERENCE_TOLERANCE:
+        raise ValueError(f"preference {value!r} sums to {total:.10g}, not 1 (within {PREFERENCE_TOLERANCE:g}): {how}")
+    return validate_preference(values, k)

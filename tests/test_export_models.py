@@ -18,7 +18,7 @@ from paretomerge import AdaMerging, ParetoMerging, TaskVectors, export_model
 from paretomerge.cli import main as cli_main
 from paretomerge.kernels import features_of
 from paretomerge.kernels.inputs import call
-from paretomerge.modules.export import export_preference
+from paretomerge.preferences import export_preference
 from paretomerge.suites.zeroshot import zero_shot_head
 from tests import own_models
 from tests.conftest import make_trainer

@@ -1,5 +1,5 @@
 """A CLIP image tower in open_clip's and in Hugging Face's terms: the names of its weights both ways (what the
-importers read, `suites.importers`, and what ``paretomerge export --format hf`` writes, `kernels.formats`), and the
+importers read, `suites.importers`, and what ``paretomerge export --format hf`` writes, `modules.formats`), and the
 configs each library rebuilds it from.
 
 open_clip keeps q/k/v fused (``attn.in_proj_weight [3d, d]``) and its projection as ``proj [d, e]`` (``x @ proj``);

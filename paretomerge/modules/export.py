@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 import re
 import shutil
@@ -40,11 +39,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from paretomerge.kernels import MergedModel, PreferenceTensor, TaskVectors
-from paretomerge.kernels.formats import FORMATS, format_problem, model_formats, plan_model_files
 from paretomerge.modules import checkpoint as ckpt
 from paretomerge.modules.base import MergingModule
 from paretomerge.modules.checkpoint import CheckpointError
-from paretomerge.preferences import validate_preference
+from paretomerge.modules.formats import FORMATS, format_problem, model_formats, plan_model_files
+from paretomerge.preferences import export_preference
 
 FORMAT = "paretomerge.pareto_set/1"
 # `PreferenceBasis.state`'s parts, and their names in the file
@@ -233,58 +232,11 @@ def _under(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- one model
-#: how far from 1 an export's preference may sum
-PREFERENCE_TOLERANCE = 1e-6
-
-
-def export_preference(value: str | Sequence[float] | Tensor, task_names: Sequence[str]) -> Tensor:
-    """The preference an export is asked for, read strictly: ``K`` numbers (a sequence, or a string of K
-    comma-separated numbers), ``"equal"``, or a task's name (its one-hot). Refused, naming the problem: a wrong
-    length, a negative, NaN or infinite entry, or a sum that is not 1 within `PREFERENCE_TOLERANCE` (an export records
-    the preference it was asked for, so nothing is normalised). Returns float32 ``[K]``."""
-    names, k = list(task_names), len(task_names)
-    how = (f"write {k} comma-separated numbers that sum to 1 (e.g. {','.join([f'{1 / k:.4g}'] * k)}), 'equal', or a "
-           f"task's name for its one-hot ({', '.join(names)})")
-    if isinstance(value, str):
-        text = value.strip()
-        if text == "equal":
-            return torch.full((k,), 1.0 / k)
-        if text in names:
-            return torch.nn.functional.one_hot(torch.tensor(names.index(text)), k).float()
-        try:
-            values = [float(v) for v in text.replace(" ", "").split(",")]
-        except ValueError:
-            raise ValueError(f"preference {value!r} is neither numbers, 'equal' nor a task's name: {how}") from None
-    elif isinstance(value, Tensor):
-        if value.dim() != 1 or value.dtype == torch.bool or value.is_complex():
-            raise ValueError(f"preference must be {k} real numbers, got a {value.dtype} tensor of shape "
-                             f"{tuple(value.shape)}")
-        values = value.detach().cpu().double().tolist()
-    else:
-        try:
-            values = [float(v) for v in value]
-        except (TypeError, ValueError):
-            raise TypeError(f"preference must be a string or a sequence of {k} numbers, got {value!r}") from None
-    if len(values) != k:
-        raise ValueError(f"preference {value!r} has {len(values)} entries, but the model has {k} tasks "
-                         f"({', '.join(names)}): {how}")
-    bad = [f"{t}={v}" for t, v in zip(names, values, strict=True) if not math.isfinite(v)]
-    if bad:
-        raise ValueError(f"preference {value!r} has non-finite entries ({', '.join(bad)}): {how}")
-    bad = [f"{t}={v}" for t, v in zip(names, values, strict=True) if v < 0]
-    if bad:
-        raise ValueError(f"preference {value!r} has negative entries ({', '.join(bad)}): {how}")
-    total = math.fsum(values)
-    if abs(total - 1.0) > PREFERENCE_TOLERANCE:
-        raise ValueError(f"preference {value!r} sums to {total:.10g}, not 1 (within {PREFERENCE_TOLERANCE:g}): {how}")
-    return validate_preference(values, k)
-
-
 def export_model(module: MergingModule, out: str | os.PathLike, *, format: str,  # noqa: A002 (the CLI's word)
                  at: str | Sequence[float] | Tensor | None = None, tokenizer: Any = None,
                  class_names: Mapping[str, Sequence[str]] | None = None) -> Path:
     """Write ``module.at(at)``, the merged model at one preference with its task heads, to the directory ``out`` as an
-    ordinary model of its own ecosystem, which loads where paretomerge is not installed (`kernels.formats`):
+    ordinary model of its own ecosystem, which loads where paretomerge is not installed (`modules.formats`):
 
     - ``format="open_clip"``: an open_clip image tower's state dict and model config;
     - ``format="hf"``: that tower as a ``CLIPVisionModelWithProjection``, a ``CLIPVisionModel`` as itself, or a causal
