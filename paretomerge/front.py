@@ -65,17 +65,17 @@ def static_front(name: str, task_vectors: TaskVectors, datamodule: Any, preferen
 
 
 def individual_scores(task_vectors: TaskVectors, datamodule: Any, split: str = "test") -> np.ndarray:
-    """``[K]``: each fine-tuned model θ0 + τ_k on its own task k."""
+    """``[K]``: each fine-tuned model θ0 + τ_k on its own task k (with its own float buffers, whatever the policy)."""
     values = []
     for k, task in enumerate(task_vectors.task_names):
-        net = materialize(task_vectors, task_wise(task_vectors, torch.eye(task_vectors.num_tasks)[k]))
+        net = materialize(task_vectors, task_wise(task_vectors, torch.eye(task_vectors.num_tasks)[k], "merged"))
         values.append(datamodule.evaluate(net, split=split, tasks=[task])[task])
     return np.asarray(values)
 
 
 def zero_shot_scores(task_vectors: TaskVectors, datamodule: Any, split: str = "test") -> np.ndarray:
     """``[K]``: the pre-trained model θ0 with each task's head (no task vector added) on every task."""
-    net = materialize(task_vectors, task_wise(task_vectors, torch.zeros(task_vectors.num_tasks)))
+    net = materialize(task_vectors, task_wise(task_vectors, torch.zeros(task_vectors.num_tasks), "pretrained"))
     accuracy = datamodule.evaluate(net, split=split)
     return np.asarray([accuracy[t] for t in task_vectors.task_names])
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from paretomerge.kernels import MergedModel, TaskVectors, materialize, merge
+from paretomerge.kernels.buffers import buffers_for
 from paretomerge.preferences import validate_preference
 
 TASK_ARITHMETIC_SCALE = 0.3
@@ -47,11 +48,14 @@ def _check_scale(scale: float) -> float:
     return float(scale)
 
 
-def task_wise(task_vectors: TaskVectors, coefficients: Sequence[float] | Tensor) -> dict[str, Tensor]:
+def task_wise(task_vectors: TaskVectors, coefficients: Sequence[float] | Tensor,
+              buffer_policy: str | None = None) -> dict[str, Tensor]:
     """θ0 + Σ_k c_k τ_k through the merge kernel, for task-wise coefficients ``c [K]`` (what every merge here,
-    and MAP, chooses)."""
+    and MAP, chooses), with the float buffers of the task vectors' policy (or ``buffer_policy``) beside the merged
+    layers (`kernels.buffers`; none for a backbone without float buffers)."""
     c = torch.as_tensor(coefficients, dtype=torch.float32, device=task_vectors.device)
-    return merge(task_vectors.theta0, task_vectors.tau, c)
+    params = merge(task_vectors.theta0, task_vectors.tau, c)
+    return params | buffers_for(task_vectors, c, params, buffer_policy)
 
 
 @register("weight_averaging")

@@ -88,6 +88,7 @@ ALLOWED_FACTORIES = {
     "paretomerge.kernels.builders:sequential": (frozenset({"modules"}), None),
     "paretomerge.kernels.builders:hf_clip_vision_model": (frozenset({"config"}), None),
     "paretomerge.kernels.builders:hf_causal_lm": (frozenset({"config"}), check_hf_causal_lm),
+    "paretomerge.kernels.builders:torchvision_resnet": (frozenset({"layers", "block", "num_classes"}), None),
 }
 TRUSTED_PACKAGES = frozenset({"torch", "open_clip", "timm", "paretomerge"})
 # kwargs that could make a constructor read, fetch or unpickle something; refused unless None or False.

@@ -8,7 +8,8 @@
 - an open_clip tower created by name (``open_clip.create_model(name).visual``, found among open_clip's configs);
 - a Hugging Face ``CLIPVisionModel`` or causal LM (``LlamaForCausalLM``...; rebuilt from its config; needs
   ``transformers``);
-- a timm model created by name (``timm.create_model(name, num_classes=...)``).
+- a timm model created by name (``timm.create_model(name, num_classes=...)``);
+- a torchvision ``ResNet`` (any depth, ``fc`` a linear layer or an identity: `torchvision_resnet`).
 
 Every guess is checked: the module the spec builds must have the same structure (`structure_difference`) as the
 one it describes. Anything else gives None: training and ``at()`` do not need a spec, and loading the checkpoint
@@ -285,7 +286,38 @@ def _timm(module: nn.Module) -> ModuleSpec | None:
     return _verified(ModuleSpec("timm:create_model", kwargs), module)
 
 
-_RECOGNISERS = (_torch_nn, _open_clip, _hf_clip_vision, _hf_causal_lm, _timm)
+RESNET_BLOCKS = ("basic", "bottleneck")
+
+
+def torchvision_resnet(layers: Sequence[int], block: str = "basic", num_classes: int | None = None) -> nn.Module:
+    """A torchvision ``ResNet`` with random weights: ``layers`` blocks per stage (ResNet-18 is ``[2, 2, 2, 2]`` with
+    ``"basic"`` blocks); ``num_classes=None`` replaces ``fc`` by an identity, so the backbone gives its pooled features
+    (the merged tasks' heads are their own linear layers)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    if block not in RESNET_BLOCKS:
+        raise ValueError(f"torchvision_resnet: block must be one of {list(RESNET_BLOCKS)}, got {block!r}")
+    if len(layers) != 4 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers):
+        raise ValueError(f"torchvision_resnet: layers must be four positive ints, got {layers!r}")
+    model = ResNet(BasicBlock if block == "basic" else Bottleneck, list(layers), num_classes=num_classes or 1000)
+    if num_classes is None:
+        model.fc = nn.Identity()
+    return model
+
+
+def _torchvision_resnet(module: nn.Module) -> ModuleSpec | None:
+    if type(module).__module__ != "torchvision.models.resnet" or type(module).__name__ != "ResNet":
+        return None
+    first = module.layer1[0]
+    block = "basic" if type(first).__name__ == "BasicBlock" else "bottleneck"
+    layers = [len(getattr(module, f"layer{i}")) for i in range(1, 5)]
+    classes = None if isinstance(module.fc, nn.Identity) else getattr(module.fc, "out_features", None)
+    spec = ModuleSpec("paretomerge.kernels.builders:torchvision_resnet",
+                      {"layers": layers, "block": block, "num_classes": classes})
+    return _verified(spec, module)
+
+
+_RECOGNISERS = (_torch_nn, _open_clip, _hf_clip_vision, _hf_causal_lm, _timm, _torchvision_resnet)
 
 
 def recognise(module: nn.Module) -> ModuleSpec | None:

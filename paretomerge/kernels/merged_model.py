@@ -70,17 +70,21 @@ class MergedModel(nn.Module):
 
 @torch.no_grad()
 def materialize(task_vectors: TaskVectors, params: Mapping[str, Tensor], owned: Collection[str] = ()) -> MergedModel:
-    """A copy of the backbone holding ``params`` (one model, as `kernels.merge` returns), with copies of the heads;
-    eval mode, no gradients.
+    """A copy of the backbone holding ``params`` (one model, as `kernels.merge` returns, with the float buffers
+    `kernels.buffers.buffers_for` gives beside them), with copies of the heads; eval mode, no gradients.
 
     ``params`` are copied, except those named in ``owned``: new tensors nothing else holds, which the model takes as
     they are. θ0's own parameters are never copied (a ``deepcopy`` memo puts the merged values in their place), so
     this costs about one ``deepcopy`` of the backbone.
     """
     own = dict(task_vectors.backbone.named_parameters())
-    memo = {
-        id(own[name]): nn.Parameter(value.detach() if name in owned else value.detach().clone(), requires_grad=False)
-        for name, value in params.items()
-    }
+    buffers = dict(task_vectors.backbone.named_buffers())
+    memo: dict[int, Any] = {}
+    for name, value in params.items():
+        value = value.detach() if name in owned else value.detach().clone()
+        if name in own:
+            memo[id(own[name])] = nn.Parameter(value, requires_grad=False)
+        else:
+            memo[id(buffers[name])] = value
     backbone = copy.deepcopy(task_vectors.backbone, memo)
     return MergedModel(backbone, copy.deepcopy(task_vectors.heads)).eval().requires_grad_(False)

@@ -1,7 +1,9 @@
 """Task vectors: θ0 (frozen), per-layer stacked τ ``[K, *shape]``, the frozen task heads, and task names.
 
 A *layer* is one named floating-point parameter of the backbone (AdaMerging's layer-wise convention;
-ViT-B/32's visual tower has 152). Buffers and non-float parameters are always taken from θ0.
+ViT-B/32's visual tower has 152). Non-float parameters and integer buffers are always taken from θ0; float buffers
+(BatchNorm's running statistics) follow the task vectors' ``buffer_policy`` (`kernels.buffers`), for which their
+differences ``b_k − b0`` are kept as ``buffer_tau``.
 
 `TaskVectors` is deliberately not an ``nn.Module``: a LightningModule that holds one does not register
 its tensors, so they never enter ``state_dict()``, a ``.ckpt``, or a DDP broadcast.
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 
 from paretomerge.kernels import sparsify
 from paretomerge.kernels.architecture import ModuleSpec
+from paretomerge.kernels.buffers import DEFAULT_BUFFER_POLICY, check_policy, float_buffers
 from paretomerge.kernels.builders import recognise
 
 
@@ -58,6 +61,9 @@ class TaskVectors:
         task_names: Sequence[str],
         backbone_spec: ModuleSpec | None = None,
         head_specs: Mapping[str, ModuleSpec | None] | None = None,
+        buffer_tau: Mapping[str, Tensor] | None = None,
+        buffer_policy: str = DEFAULT_BUFFER_POLICY,
+        calibration: Tensor | None = None,
     ) -> None:
         self.backbone = _freeze(backbone)
         self.task_names = check_task_names(task_names)
@@ -68,6 +74,27 @@ class TaskVectors:
         # The merged layers, in a fixed order: index l of λ[l, k] is layer_names[l].
         self.layer_names = tuple(n for n, p in self.backbone.named_parameters() if p.is_floating_point())
         self.tau = dict(tau) if tau is not None else None
+        self.buffer_tau: dict[str, Tensor] = dict(buffer_tau or {})  # float buffer -> [K, *shape]: b_k − b0
+        self.buffer_policy, self.calibration = DEFAULT_BUFFER_POLICY, None
+        self.configure_buffers(buffer_policy, calibration)
+
+    def configure_buffers(self, policy: str | None = None, calibration: Tensor | None = None) -> TaskVectors:
+        """Set the float-buffer policy (``pretrained``, ``merged`` or ``recomputed``: `kernels.buffers`) that every
+        merge of these task vectors follows, and the unlabeled inputs ``calibration [N, ...]`` (every task's, mixed)
+        that ``recomputed`` estimates statistics on; None leaves either as it is. In place; returns self."""
+        if policy is not None:
+            self.buffer_policy = check_policy(policy)
+        if calibration is not None:
+            if not isinstance(calibration, Tensor) or calibration.ndim < 2 or len(calibration) == 0:
+                raise ValueError("calibration must be a non-empty tensor of inputs [N, ...] (unlabeled images of every "
+                                 f"task), got {type(calibration).__name__}")
+            self.calibration = calibration.detach().to(self.device)
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether merges need calibration inputs that these task vectors do not have yet."""
+        return self.buffer_policy == "recomputed" and bool(self.buffer_tau) and self.calibration is None
 
     @property
     def backbone_spec(self) -> ModuleSpec | None:
@@ -98,6 +125,8 @@ class TaskVectors:
         dtype: torch.dtype | None = None,
         backbone_spec: ModuleSpec | None = None,
         copy_backbone: bool = True,
+        buffer_policy: str = DEFAULT_BUFFER_POLICY,
+        calibration: Tensor | None = None,
     ) -> TaskVectors:
         """τ_k = θ_k − θ0 for every floating-point parameter, stacked to ``[K, *shape]``.
 
@@ -111,6 +140,7 @@ class TaskVectors:
         ``ModuleSpec.build``, torch.nn, open_clip by name, HF ``CLIPVisionModel``, timm), or else needs
         ``load_from_checkpoint(path, backbone=...)``. ``copy_backbone=False`` freezes and keeps ``pretrained``
         itself instead of a copy (one model's memory less; the caller must not train it afterwards).
+        ``buffer_policy`` and ``calibration``: what a merged model's float buffers are (`configure_buffers`).
         """
         if not isinstance(pretrained, nn.Module):
             raise TypeError(f"pretrained must be an nn.Module, got {type(pretrained).__name__}")
@@ -137,15 +167,22 @@ class TaskVectors:
         params = {n: p for n, p in backbone.named_parameters() if p.is_floating_point()}
         tau = {n: torch.empty((len(names), *p.shape), dtype=dtype or p.dtype, device=p.device)
                for n, p in params.items()}
+        buffers = float_buffers(backbone)
+        buffer_tau = {n: torch.empty((len(names), *b.shape), dtype=b.dtype, device=b.device)
+                      for n, b in buffers.items()}
         for k, (task, item) in enumerate(zip(names, finetuned, strict=True)):
             state = item() if callable(item) and not isinstance(item, Mapping) else item
             _check_state_dict(task, state, reference)
             with torch.no_grad():
                 for layer, theta0 in params.items():
                     tau[layer][k] = state[layer].to(theta0.device, theta0.dtype) - theta0
+                for name, b0 in buffers.items():
+                    buffer_tau[name][k] = state[name].to(b0.device, b0.dtype) - b0
             del state  # a loaded state dict is freed before the next one is read
         heads_copy = {name: copy.deepcopy(heads[name]) for name in names}
-        return cls(backbone, tau, heads_copy, names, backbone_spec)  # the rest is recognised when first needed
+        # the rest is recognised when first needed
+        return cls(backbone, tau, heads_copy, names, backbone_spec, buffer_tau=buffer_tau, buffer_policy=buffer_policy,
+                   calibration=calibration)
 
     @classmethod
     def from_models(
@@ -197,7 +234,11 @@ class TaskVectors:
 
     def _sharing(self, tau: Mapping[str, Tensor], names: Sequence[str]) -> TaskVectors:
         """These θ0 and heads (shared) with other task vectors, for ``names``; specs as known so far."""
-        out = TaskVectors(self.backbone, tau, {t: self.heads[t] for t in names}, names)
+        rows = [self.task_names.index(t) for t in names]
+        buffer_tau = {n: t if rows == list(range(self.num_tasks)) else t[rows] for n, t in self.buffer_tau.items()}
+        out = TaskVectors(self.backbone, tau, {t: self.heads[t] for t in names}, names, buffer_tau=buffer_tau,
+                          buffer_policy=self.buffer_policy)
+        out.calibration = self.calibration  # shared, not copied (a subset's merges still see every task's inputs)
         out._backbone_spec, out._head_specs = self._backbone_spec, {t: self._head_specs[t] for t in names}
         return out
 
@@ -244,6 +285,9 @@ class TaskVectors:
         self.heads._apply(fn)
         if self.tau is not None:
             self.tau = {name: fn(t) for name, t in self.tau.items()}
+        self.buffer_tau = {name: fn(t) for name, t in self.buffer_tau.items()}
+        if self.calibration is not None:
+            self.calibration = fn(self.calibration)
         return self
 
     def to(self, device: torch.device | str) -> TaskVectors:
@@ -259,8 +303,9 @@ class TaskVectors:
 
     def __repr__(self) -> str:
         kind = "τ" if self.has_task_vectors else "base only"
+        buffers = f", {len(self.buffer_tau)} float buffers {self.buffer_policy}" if self.buffer_tau else ""
         return (
-            f"TaskVectors(tasks={list(self.task_names)}, layers={len(self.layer_names)}, {kind}, "
+            f"TaskVectors(tasks={list(self.task_names)}, layers={len(self.layer_names)}, {kind}{buffers}, "
             f"backbone={type(self.backbone).__name__})"
         )
 

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from paretomerge.kernels import TaskVectors, forward_features, forward_features_many, merge, run_head, select_model
+from paretomerge.kernels.buffers import buffers_for
 from paretomerge.kernels.inputs import Inputs, inputs_to, is_tokens, split_rows
 from paretomerge.objectives import next_token_loss_sum
 from paretomerge.pareto import SCORES, Score
@@ -82,6 +83,7 @@ class MergeEvaluator:
         for start in range(0, len(c), self.models_per_call):
             chunk = torch.as_tensor(c[start:start + self.models_per_call], dtype=torch.float32, device=self.tv.device)
             params = merge(self.tv.theta0, self.tv.tau, chunk.unsqueeze(1))  # [M, 1, K] -> name: [M, *shape]
+            params |= buffers_for(self.tv, chunk.unsqueeze(1), params)  # and the float buffers of the policy
             rows.append(self._score(params, len(chunk), tasks))
         self.count += len(c) * len(tasks)
         return np.concatenate(rows)

@@ -25,6 +25,7 @@ from paretomerge.kernels import (
     materialize,
     merge,
 )
+from paretomerge.kernels.buffers import CALIBRATION_IMAGES, buffers_for, calibration_set
 from paretomerge.kernels.inputs import Inputs, is_tokens
 from paretomerge.kernels.sparsify import check_fraction
 from paretomerge.modules import checkpoint as ckpt
@@ -114,14 +115,34 @@ class MergingModule(PerTaskEvaluation, CheckpointHooks, L.LightningModule):
             )
         return self.task_vectors
 
+    def _calibrate(self) -> None:
+        """Under ``buffer_policy='recomputed'``, task vectors without calibration inputs take them from the fit's
+        training data (`kernels.buffers.calibration_set` of its first batches)."""
+        tv = self._tv()
+        loader = getattr(self.trainer.datamodule, "train_dataloader", None) if self._trainer else None
+        if not tv.needs_calibration or loader is None:
+            return
+        per_task: dict[str, list[Tensor]] = {t: [] for t in tv.task_names}
+        share = max(1, CALIBRATION_IMAGES // tv.num_tasks)
+        for batch in loader():
+            if isinstance(batch, tuple) and batch and isinstance(batch[0], Mapping):  # a CombinedLoader's (batch, i, j)
+                batch = batch[0]
+            for task, (inputs, _) in self.split_batch(batch, tv.task_names, "train").items():
+                per_task[task].append(inputs)
+            if all(sum(len(x) for x in parts) >= share for parts in per_task.values()):
+                break
+        tv.configure_buffers(calibration=calibration_set({t: torch.cat(x) for t, x in per_task.items()}))
+
     def setup(self, stage: str) -> None:
         """Task vectors given to the constructor (or attached earlier) take precedence; the datamodule's
         ``task_vectors()`` is called only when the model has none, or only a checkpoint's base."""
         if self.task_vectors is not None and self.task_vectors.has_task_vectors:
+            self._calibrate()
             return
         provider = getattr(self.trainer.datamodule, "task_vectors", None) if self._trainer else None
         if provider is not None:
             self.attach(provider())
+            self._calibrate()
         elif self.task_vectors is None:
             self._tv()  # raises the explanation
         elif stage == "fit":
@@ -212,7 +233,10 @@ class MergingModule(PerTaskEvaluation, CheckpointHooks, L.LightningModule):
     def forward(self, batch: Mapping[str, Inputs], gamma: Tensor | None = None) -> dict[str, Tensor]:
         """Logits per task for ``batch`` (task -> images or a token batch) under θ(λ, γ)."""
         tv = self._tv()
-        return forward_tasks(tv.backbone, tv.heads, self.merged_parameters(gamma), batch, self._compile_backend)
+        params = self.merged_parameters(gamma)
+        # the policy's float buffers (under `recomputed`: this batch's own statistics; none without float buffers)
+        params |= buffers_for(tv, self.coefficients(gamma))
+        return forward_tasks(tv.backbone, tv.heads, params, batch, self._compile_backend)
 
     @torch.no_grad()
     def at(self, preference: Sequence[float] | Tensor | None = None) -> MergedModel:
@@ -220,10 +244,13 @@ class MergingModule(PerTaskEvaluation, CheckpointHooks, L.LightningModule):
         A module whose model does not depend on γ (``preference_aware = False``) accepts ``None``."""
         tv = self._tv()
         gamma = preference_for(preference, tv.task_names, self.preference_aware, type(self).__name__)
-        params = self.merged_parameters(None if gamma is None else gamma.to(self.device))
+        gamma = None if gamma is None else gamma.to(self.device)
+        params = self.merged_parameters(gamma)
         shared = self.base_parameters()
         # Layers with a Δ are new tensors the model can own; the others are the cached base (or a .ckpt's θ0) itself.
-        return materialize(tv, params, owned=[n for n, p in params.items() if p is not shared[n]])
+        owned = [n for n, p in params.items() if p is not shared[n]]
+        buffers = buffers_for(tv, self.coefficients(gamma), params)  # the policy's float buffers: new tensors
+        return materialize(tv, params | buffers, owned=owned + list(buffers))
 
     # ------------------------------------------------------------------ optimisation
     def training_preference(self) -> Tensor:

@@ -6,7 +6,8 @@ that is all ``at(γ)`` needs, and its size does not grow with K. With preference
 section also holds ``preference_basis``, the basis τ̃ that c(γ) − λ multiplies (`kernels.PreferenceBasis`): ``at(γ)``
 adds Σ_k (c_k(γ) − λ_k) τ̃_k to the base. Truncated (the default ``basis_rank``), it costs a fraction of one backbone;
 the full basis (``basis_rank=None``, and every checkpoint written before it, as ``basis``) costs K more backbones
-(benchmarks/bench_compact.py).
+(benchmarks/bench_compact.py). A backbone with float buffers adds ``buffers``: the policy, each float buffer's
+``b_k − b0`` and the calibration inputs (`kernels.buffers`), so that ``at(γ)`` rebuilds them as the fit did.
 
 A backbone or head that is not a recognised builder's (`kernels.builders.recognise`) is recorded by its class only;
 loading then takes the module itself: ``load_from_checkpoint(path, backbone=..., heads={...})`` (`supplied_modules`),
@@ -106,6 +107,12 @@ def pack(task_vectors: TaskVectors, base: Mapping[str, Tensor], basis: Preferenc
     }
     if basis is not None:
         section["preference_basis"] = basis.state()
+    if task_vectors.buffer_tau:  # the float-buffer policy, b_k − b0 and the calibration inputs: at(γ) redoes them
+        section["buffers"] = {
+            "policy": task_vectors.buffer_policy,
+            "tau": {name: t.detach().cpu() for name, t in task_vectors.buffer_tau.items()},
+            "calibration": None if task_vectors.calibration is None else task_vectors.calibration.detach().cpu(),
+        }
     return section
 
 
@@ -246,7 +253,9 @@ def unpack(section: Mapping[str, Any], backbone: nn.Module | None = None,
             head = copy.deepcopy(heads[task]) if task in heads else specs[task].build()
             head.to(stored_dtype(section)).load_state_dict(section["heads"][task], strict=True)
             rebuilt_heads[task] = head
-        return TaskVectors(built, None, rebuilt_heads, names, backbone_spec, specs)
+        buffers = section.get("buffers") or {}  # none before the policy existed: θ0's buffers, as then
+        return TaskVectors(built, None, rebuilt_heads, names, backbone_spec, specs, buffer_tau=buffers.get("tau"),
+                           buffer_policy=buffers.get("policy", "pretrained"), calibration=buffers.get("calibration"))
     except CheckpointError:
         raise
     except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as err:

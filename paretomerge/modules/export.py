@@ -9,6 +9,7 @@ Tensor names:
 
     base/<parameter or buffer name>
     heads/<task index>/<key>
+    buffers/tau/<float buffer name> | buffers/calibration   (a backbone with float buffers: `kernels.buffers`)
     preference/<target index>/G | A | B
     coefficients/lambdas | coefficients/omega
     basis/<merged layer name>                          (dense layers of the preference basis, [K, *shape])
@@ -72,6 +73,10 @@ def export_pareto_set(module: MergingModule, path: str | os.PathLike) -> Path:
         tensors.update({prefix + name: t for name, t in section.get("preference_basis", {}).get(part, {}).items()})
     for index, task in enumerate(tv.task_names):
         tensors.update({f"heads/{index}/{key}": t for key, t in section["heads"][task].items()})
+    buffers = section.get("buffers") or {}
+    tensors.update({f"buffers/tau/{name}": t for name, t in buffers.get("tau", {}).items()})
+    if buffers.get("calibration") is not None:
+        tensors["buffers/calibration"] = buffers["calibration"]
     tensors.update({_export_name(key): t for key, t in _state_tensors(module).items()})
     pt: PreferenceTensor | None = getattr(module, "preference_tensor", None)
     config = {
@@ -87,6 +92,7 @@ def export_pareto_set(module: MergingModule, path: str | os.PathLike) -> Path:
         "rank": pt.rank if pt is not None else None,
         "preference_coefficients": module.preference_conditioned,
         "basis_rank": module.hparams.get("basis_rank"),
+        "buffer_policy": buffers.get("policy"),  # None: no float buffers
         "lambda_bounds": list(module.hparams.lambda_bounds) if module.hparams.get("lambda_bounds") else None,
         "hyper_parameters": json.loads(json.dumps(dict(module.hparams), default=str)),
     }
@@ -206,6 +212,9 @@ def load_pareto_set(path: str | os.PathLike, backbone: nn.Module | None = None,
         }
         if not any(section["preference_basis"].values()):
             del section["preference_basis"]
+        if config.get("buffer_policy"):
+            section["buffers"] = {"policy": config["buffer_policy"], "tau": _under(tensors, "buffers/tau/"),
+                                  "calibration": tensors.get("buffers/calibration")}
         cls = _module_class(config.get("module"))
         hparams = cls.upgrade_hyperparameters(dict(config.get("hyper_parameters") or {}))
         accepted = inspect.signature(cls.__init__).parameters

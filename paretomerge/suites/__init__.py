@@ -1,6 +1,6 @@
 """Datamodules that also produce their `TaskVectors`: the embedded `TinySuite`, the papers' `CLIPSuite`,
-`TensorSuite` for your own models and tensors, and for language models the embedded `TinyLMSuite` and `HFTextSuite`
-(Hugging Face directories and local text files)."""
+`TensorSuite` for your own models and tensors, the embedded CNN suite `TinyResNetSuite`, and for language models the
+embedded `TinyLMSuite` and `HFTextSuite` (Hugging Face directories and local text files)."""
 
 from paretomerge.suites.cache import CacheError
 from paretomerge.suites.clip import CLIPSuite
@@ -12,7 +12,8 @@ from paretomerge.suites.tensors import TensorSuite
 from paretomerge.suites.text import TextSuite
 from paretomerge.suites.tiny import FAST_RECIPE, FAST_TASKS, TinySuite
 from paretomerge.suites.tiny_lm import FAST_LM_RECIPE, TinyLMSuite
+from paretomerge.suites.tiny_resnet import TinyResNetSuite
 
 __all__ = ["FAST_LM_RECIPE", "FAST_RECIPE", "FAST_TASKS", "CLIPSuite", "CacheError", "DatasetNotFoundError",
            "HFModelError", "HFTextSuite", "PickledCheckpointError", "TensorSuite", "TextSuite", "TinyLMSuite",
-           "TinySuite", "causal_lm_task_vectors", "memory_plan"]
+           "TinyResNetSuite", "TinySuite", "causal_lm_task_vectors", "memory_plan"]

@@ -261,7 +261,7 @@ class TinySuite(LightningDataModule):
     def _report(self, tv: TaskVectors, unseen: dict[str, nn.Module], build_seconds: float) -> dict[str, Any]:
         num_tasks = len(self.tasks)
         backbone, heads = tv.backbone.eval(), {**tv.heads, **unseen}
-        theta0 = task_wise(tv, [0.0] * num_tasks)
+        theta0 = task_wise(tv, [0.0] * num_tasks, "pretrained")  # θ0 as it is, and each θ_k with its own buffers
 
         def accuracy(params: dict[str, Tensor], tasks: Sequence[str] | None = None) -> dict[str, float]:
             return self._accuracies(lambda x, t: run_head(t, heads[t], forward_features(backbone, params, x)),
@@ -270,7 +270,8 @@ class TinySuite(LightningDataModule):
         one_hot = np.eye(num_tasks).tolist()
         columns = {  # θ0 alone (zero-shot), θ0 + τ_k, and the static merges of SPEC §5
             "zero_shot_accuracy": accuracy(theta0),
-            "individual_accuracy": {t: accuracy(task_wise(tv, one_hot[k]), [t])[t] for k, t in enumerate(self.tasks)},
+            "individual_accuracy": {t: accuracy(task_wise(tv, one_hot[k], "merged"), [t])[t]
+                                    for k, t in enumerate(self.tasks)},
             "task_arithmetic_accuracy": accuracy(static_merge("task_arithmetic", tv)),
             "ties_accuracy": accuracy(static_merge("ties", tv)),
             "weight_averaging_accuracy": accuracy(static_merge("weight_averaging", tv)),
