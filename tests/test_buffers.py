@@ -184,3 +184,67 @@ def test_a_fit_takes_calibration_from_its_data_and_a_fresh_process_reproduces_at
                            str(tmp_path / "trained.pt")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("gap") == 2
+
+
+# A TinyResNetSuite recipe for the build's mechanics (seconds, not the 1.5 minutes of the default).
+SMALL_RESNET = {"pretrain_images": 256, "pretrain_steps": 8, "finetune_images": 128, "finetune_steps": 6,
+                "batch_size": 32}
+
+
+def test_the_embedded_cnn_suite_builds_caches_and_follows_its_policy(tmp_path):
+    from paretomerge.suites import TinyResNetSuite
+
+    options = {"tasks": ["colour", "size"], "recipe": SMALL_RESNET, "test_images": 64, "val_images": 32,
+               "calibration_images": 40, "cache_dir": str(tmp_path), "progress": False}
+    suite = TinyResNetSuite(**options)
+    tv = suite.task_vectors()
+    assert tv.buffer_policy == "recomputed" and len(tv.calibration) == 40 and tv.buffer_tau
+    assert type(tv.backbone).__name__ == "ResNet" and tv.backbone_spec is not None
+    assert torch.equal(tv.calibration[1], suite.labeled("test")["size"][0][0])  # interleaved: colour, size, colour...
+    assert all(float(t.abs().max()) > 0 for t in tv.buffer_tau.values())  # each fine-tune moved its statistics
+    assert suite.build_report["buffer_policy"] == "recomputed"
+    merged = TinyResNetSuite(**options, buffer_policy="merged")  # the cache is the same: weights do not depend on it
+    assert merged.cache_path == suite.cache_path and merged.build_report["buffer_policy"] == "merged"
+    assert merged.task_vectors().buffer_policy == "merged"
+    with pytest.raises(ValueError, match="buffer_policy must be one of"):
+        TinyResNetSuite(buffer_policy="average")
+    with pytest.raises(ValueError, match="recipe layers"):
+        TinyResNetSuite(recipe={"layers": [1, 1]})
+
+
+def test_the_resnet18_suite_reads_local_files_only(tmp_path):
+    from paretomerge.suites import ResNetSuite
+    from tests.fake_clip_data import write_fake_dataset
+
+    with pytest.raises(FileNotFoundError, match="local weights only"):
+        ResNetSuite(pretrained=str(tmp_path / "resnet18-f37072fd.pth"))
+    for task in ("CIFAR10", "GTSRB"):
+        write_fake_dataset(task, tmp_path / "data", num_classes=3, per_class=2)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(ModuleSpec("paretomerge.kernels.builders:torchvision_resnet",
+                          {"layers": [2, 2, 2, 2], "num_classes": 1000}).build().state_dict(), weights)
+    suite = ResNetSuite(pretrained=str(weights), data_root=str(tmp_path / "data"), tasks=["CIFAR10", "GTSRB"],
+                        finetune_steps=1, finetune_batch=2, image_size=32, calibration_images=4, val_images=2,
+                        num_workers=0, cache_dir=str(tmp_path / "cache"), progress=False)
+    tv = suite.task_vectors()
+    assert tv.task_names == ("CIFAR10", "GTSRB") and len(tv.calibration) == 4
+    assert tv.heads["CIFAR10"].out_features == 3 and len(tv.buffer_tau) == 40  # ResNet-18: 20 BatchNorms
+    accuracy = suite.evaluate(static_model("task_arithmetic", tv), split="val")
+    assert set(accuracy) == {"CIFAR10", "GTSRB"}
+
+
+
+def test_the_cnn_configs_parse(monkeypatch, capsys):
+    import yaml
+
+    from paretomerge.cli import main as cli_main
+
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    for name, suite in (("tiny_resnet", "TinyResNetSuite"), ("resnet18_map", "ResNetSuite")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", "--config", f"configs/{name}.yaml", "--print_config"])
+        assert exit_info.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["data"]["class_path"] == f"paretomerge.suites.{suite}"
+        assert printed["data"]["init_args"]["buffer_policy"] == "recomputed"
+        assert printed["model"]["init_args"]["targets"].startswith("layer[34]")
