@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import pytest
 import torch
 
 from tests.synthetic import SyntheticSuite, make_task_vectors
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (the README's `-n 2`) each of the two workers gets one core's worth of threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture

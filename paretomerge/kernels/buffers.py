@@ -22,13 +22,12 @@ did before the policy existed, under every policy.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from paretomerge.kernels.task_vectors import TaskVectors
+TaskVectors = Any  # a `kernels.TaskVectors` (which imports this module: named here, not imported)
 
 BUFFER_POLICIES = ("pretrained", "merged", "recomputed")
 #: The default policy (benchmarks/README.md, "ResNets and BatchNorm": chosen there by measurement).
