@@ -62,9 +62,10 @@ def stored_set(path: Path, module: L.LightningModule) -> str:
     one = sum(t.numel() * t.element_size() for m in (tv.backbone, tv.heads) for t in m.state_dict().values())
     size = path.stat().st_size
     line = f"Stored Pareto set: {path.name} is {size / 2**20:.2f} MiB, {size / one:.2f}x (θ0 + heads) with Adam's state"
+    buffers = buffers_line(tv)
     basis = module.preference_basis() if getattr(module, "preference_conditioned", False) else None
     if basis is None:
-        return line + "."
+        return line + "." + buffers
     rank = module.hparams.get("basis_rank")
     kind = "the full task vectors" if rank is None else f"int8 SVD factors of each task vector at basis_rank={rank}"
     line += f"; its preference basis is {kind}, {basis.nbytes() / 2**20:.2f} MiB"
@@ -72,7 +73,20 @@ def stored_set(path: Path, module: L.LightningModule) -> str:
         line += (f", {100 * basis.kept(tv.tau):.1f}% of the task vectors' squared norm (the full basis, "
                  f"basis_rank=None, would be {tv.nbytes() / 2**20:.2f} MiB; what the rank costs: docs/method.md, "
                  "'The compact Pareto set')")
-    return line + "."
+    return line + "." + buffers
+
+
+def buffers_line(tv: Any) -> str:
+    """What the stored set does with BatchNorm's running statistics (`kernels.buffers`); empty without float
+    buffers."""
+    if not tv.buffer_tau:
+        return ""
+    said = {"pretrained": "kept from θ0",
+            "merged": "merged with their layers' coefficients",
+            "recomputed": f"recomputed for each at() on {0 if tv.calibration is None else len(tv.calibration)} "
+                          "stored unlabeled images of every task"}[tv.buffer_policy]
+    return f" BatchNorm's running statistics ({len(tv.buffer_tau)} float buffers): buffer_policy={tv.buffer_policy}, " \
+           f"{said} (docs/cnn.md)."
 
 
 def describe(module: L.LightningModule, score: Score = ACCURACY) -> str:

@@ -77,7 +77,16 @@ def check_language_models(steps, tmp_path):
                                    rtol=0, atol=1e-5)
 
 
-CHECKS = {"README.md": check_readme, "docs/own-models.md": check_own_models, "docs/baselines.md": check_baselines,
+def check_cnn(steps, tmp_path):
+    ns = after(steps, "configure_buffers(")
+    theta0 = ns["pretrained"].bn1.running_var
+    recomputed, merged = ns["net"].backbone.bn1.running_var, ns["merged"].backbone.bn1.running_var
+    assert not torch.equal(recomputed, theta0) and not torch.equal(merged, theta0)
+    assert not torch.equal(recomputed, merged) and ns["tv"].buffer_policy == "merged"
+
+
+CHECKS = {"README.md": check_readme, "docs/cnn.md": check_cnn, "docs/own-models.md": check_own_models,
+          "docs/baselines.md": check_baselines,
           "docs/unseen-tasks.md": check_unseen_tasks, "docs/language-models.md": check_language_models}
 
 

@@ -158,6 +158,8 @@ class ParetoSet:
         kind = f"rank-{self.config['rank']} preference tensor" if self.preference_tensor is not None else "one model"
         if self.module.preference_conditioned:
             kind += f", basis_rank {self.config.get('basis_rank')!r}"
+        if self.config.get("buffer_policy"):
+            kind += f", BatchNorm statistics {self.config['buffer_policy']}"
         return f"ParetoSet(tasks={list(self.task_names)}, {kind}, module={self.config['module']})"
 
 
