@@ -34,9 +34,10 @@ from paretomerge.suites.tiny_lm_text import LANGUAGES
 PAIRS = ["+".join(p) for p in itertools.combinations(LANGUAGES, 2)]
 
 
-def lattice(per_dim: int) -> np.ndarray:
+def lattice(per_dim: int, dims: int = 2) -> np.ndarray:
+    """The task-wise coefficients of a ``per_dim``-point grid of [0, 1] per task: ``[per_dim ** dims, dims]``."""
     axis = np.linspace(0.0, 1.0, per_dim)
-    return np.array(list(itertools.product(axis, repeat=2)))
+    return np.array(list(itertools.product(axis, repeat=dims)))
 
 
 def run(pair: str, seed: int, per_dim: int, budget: int | None, options: dict) -> dict:

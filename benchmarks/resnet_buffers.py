@@ -9,9 +9,10 @@ colour, stripes, size), test accuracy (%), mean over tasks:
   (10 members re-evaluated) against the non-dominated points of a 7 × 7 × 7 grid of task-wise coefficients in [0, 1]³
   (343 points), and the mean accuracy of the real front's members; at K = 2 (the first two tasks) the same against a
   15 × 15 grid (225 points);
-- AdaMerging and ours (``ParetoMerging()``'s defaults, the preference tensor on the last two stages' convolutions),
-  ``--steps`` steps each: AdaMerging's accuracy, ours at the equal preference, and the hypervolume of ours' front and
-  of Task Arithmetic + preference on the SPEC §4 preferences (test split);
+- AdaMerging and ours (``ParetoMerging()``'s defaults, the preference tensor on the last two stages' convolutions; both
+  with ours' diversity term β_div, so that the two are like for like), ``--steps`` steps each: AdaMerging's accuracy,
+  ours at the equal preference, and the hypervolume of ours' front and of Task Arithmetic + preference on the SPEC §4
+  preferences (test split);
 - the seconds ``recomputed`` adds: to one ``at(γ)`` and to one MAP evaluation (one model, every task), medians of
   alternating rounds against ``merged``.
 
@@ -24,8 +25,9 @@ colour, stripes, size), test accuracy (%), mean over tasks:
 from __future__ import annotations
 
 import argparse
-import itertools
+import inspect
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -41,11 +43,11 @@ from paretomerge.map.plain import plain_map
 from paretomerge.pareto import generational_distance, hypervolume, inverted_generational_distance, non_dominated
 from paretomerge.suites import FAST_TASKS, TinyResNetSuite, TinySuite
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_map_grid import lattice  # noqa: E402  (the grid of task-wise coefficients, at any K)
+
 TARGETS = r"layer[34]\.\d+\.conv\d\.weight$"
-
-
-def lattice(per_dim: int, dims: int) -> np.ndarray:
-    return np.array(list(itertools.product(np.linspace(0.0, 1.0, per_dim), repeat=dims)))
+BETA_DIV = inspect.signature(ParetoMerging).parameters["beta_div"].default  # ours' diversity term, AdaMerging's too
 
 
 def map_against_grid(tv, data: dict, per_dim: int, seed: int) -> dict:
@@ -97,7 +99,7 @@ def run_resnet(seed: int, policy: str, steps: int, root: Path, grids: tuple[int,
     row["map3"] = map_against_grid(tv, val, grids[1], seed)
     row["map2"] = map_against_grid(tv.subset(list(tv.task_names[:2])), val, grids[0], seed)
     torch.manual_seed(seed)
-    ada = AdaMerging()
+    ada = AdaMerging(beta_div=BETA_DIV)  # like for like: ours' diversity term
     fit(ada, suite, steps, root / f"ada{seed}{policy}")
     row["adamerging"] = float(100 * np.mean(list(suite.evaluate(ada.at()).values())))
     ours = ParetoMerging(targets=TARGETS, seed=seed)

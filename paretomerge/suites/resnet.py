@@ -5,35 +5,32 @@ Flowers-102 and GTSRB by default), the datasets read from local folders with tor
 
 θ_k is either a file you give (``finetuned: {task: path}``: a torchvision ResNet state dict whose ``fc`` is the task's
 head) or fine-tuned here from θ0 on the task's train split (``finetune_steps`` AdamW steps, one-cycle, no
-augmentation) and cached under ``<cache>/resnet/<hash>``. The splits, loaders and evaluation are CLIPSuite's: the
-test split's images are the unlabeled adaptation data, ``val`` a seeded subset of the train split. Float buffers
-follow ``buffer_policy`` (`kernels.buffers`); ``recomputed`` estimates them on ``calibration_images`` test images of
-every task.
+augmentation: `tiny_resnet.finetune_resnet`, the embedded suite's) and cached under ``<cache>/resnet/<hash>``. The
+splits, loaders and evaluation are CLIPSuite's: the test split's images are the unlabeled adaptation data, ``val`` a
+seeded subset of the train split. Float buffers follow ``buffer_policy`` (`kernels.buffers`); ``recomputed``
+estimates them on ``calibration_images`` test images of every task.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchvision import transforms
 
 from paretomerge.kernels import ModuleSpec, TaskVectors
 from paretomerge.kernels.buffers import CALIBRATION_IMAGES, DEFAULT_BUFFER_POLICY, calibration_set, check_policy
-from paretomerge.progress import progress_bar
 from paretomerge.suites import cache
 from paretomerge.suites.clip import CLIPSuite
 from paretomerge.suites.clip_data import open_task
 from paretomerge.suites.importers import read_state_dict
 from paretomerge.suites.loaders import derive_seed
+from paretomerge.suites.tiny_resnet import finetune_resnet
 
 MAP_TASKS = ("CIFAR10", "Flowers102", "GTSRB")
 DEPTHS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
@@ -139,14 +136,14 @@ class ResNetSuite(CLIPSuite):
             heads[task] = nn.Linear(state["fc.weight"].shape[1], state["fc.weight"].shape[0])
             heads[task].load_state_dict({"weight": state.pop("fc.weight"), "bias": state.pop("fc.bias")})
             states.append(state)
+        total, share = self.hparams.calibration_images, max(1, self.hparams.calibration_images // len(self.tasks))
         per_task = {}
-        for task in self.tasks:  # the first test images of every task: the unlabeled data recomputed estimates on
+        for task in self.tasks:  # the first test images of every task (decoded): what recomputed estimates on
             dataset = self._split(task, "test").dataset
-            share = max(1, self.hparams.calibration_images // len(self.tasks))
             per_task[task] = torch.stack([dataset[i][0] for i in range(min(share, len(dataset)))])
         self._task_vectors = TaskVectors.from_state_dicts(
             theta0, states, list(self.tasks), heads, backbone_spec=self._spec(),
-            buffer_policy=self.hparams.buffer_policy, calibration=calibration_set(per_task, len(self.tasks) * share))
+            buffer_policy=self.hparams.buffer_policy, calibration=calibration_set(per_task, total))
         return self._task_vectors
 
     def _finetuned(self, theta0: nn.Module, task: str, num_classes: int) -> dict[str, Tensor]:
@@ -160,36 +157,19 @@ class ResNetSuite(CLIPSuite):
 
         def build() -> tuple[dict, dict]:
             start = time.perf_counter()
-            state = finetune(theta0, open_task(task, hp.data_root, "train", self._preprocess).dataset, num_classes,
-                             hp.finetune_steps, hp.finetune_lr, hp.finetune_batch, derive_seed(hp.seed, task, "ft"),
-                             f"fine-tuning ResNet-{hp.depth} on {task}", self._progress)
+            dataset = open_task(task, hp.data_root, "train", self._preprocess).dataset
+
+            def batch_of(index: Tensor) -> tuple[Tensor, Tensor]:
+                images, labels = zip(*(dataset[int(i)] for i in index), strict=True)
+                return torch.stack(images), torch.as_tensor(labels)
+
+            backbone, head = finetune_resnet(
+                theta0, num_classes, batch_of, len(dataset), hp.finetune_steps, hp.finetune_lr, 0.05,
+                hp.finetune_batch, derive_seed(hp.seed, task, "ft"), f"fine-tuning ResNet-{hp.depth} on {task}",
+                self._progress, "cuda" if torch.cuda.is_available() else "cpu")
+            state = backbone | {f"fc.{k}": v for k, v in head.items()}  # the head as the fine-tuned model's fc
             return {"state": state}, {"seconds": time.perf_counter() - start}
 
         return cache.read_or_build(directory, config, build, lambda tensors, _: dict(tensors["state"]),
                                    lambda message: rank_zero_info(f"ResNetSuite: {message}"))
 
-
-def finetune(theta0: nn.Module, dataset: Any, num_classes: int, steps: int, lr: float, batch: int, seed: int,
-             desc: str, progress: bool = True) -> dict[str, Tensor]:
-    """A copy of ``theta0`` and a new ``fc`` head fine-tuned together on ``dataset`` (image, label) pairs: AdamW
-    (weight decay 0.05), one-cycle, shuffled with ``seed``. Returns the state dict, the head under ``fc.``."""
-    model = copy.deepcopy(theta0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model.fc = nn.Linear(model.inplanes, num_classes)  # a ResNet's pooled width
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
-    rng = np.random.default_rng(seed)
-    with progress_bar(total=steps, desc=desc, enabled=progress) as bar:
-        for _ in range(steps):
-            index = rng.choice(len(dataset), size=min(batch, len(dataset)), replace=False)
-            images, labels = zip(*(dataset[int(i)] for i in index), strict=True)
-            loss = F.cross_entropy(model(torch.stack(images).to(device)), torch.as_tensor(labels).to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update()
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

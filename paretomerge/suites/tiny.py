@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,16 @@ from paretomerge.kernels import TaskVectors, forward_features, run_head
 from paretomerge.static import static_merge, task_wise
 from paretomerge.suites import cache
 from paretomerge.suites.loaders import derive_seed, epoch_shuffle, top1_accuracy
-from paretomerge.suites.tiny_build import PRETRAINING_FIELDS, Recipe, TinyCLIP, finetune, pretrain, tau_norm_ratio
+from paretomerge.suites.tiny_build import (
+    PRETRAINING_FIELDS,
+    Recipe,
+    TinyCLIP,
+    check_positive,
+    finetune,
+    pretrain,
+    recipe_from,
+    tau_norm_ratio,
+)
 from paretomerge.suites.tiny_images import (
     ADDED_DOMAINS,
     ADDED_FACTORS,
@@ -383,11 +392,7 @@ class TinySuite(LightningDataModule):
 
 def _check_recipe(overrides: dict[str, Any] | None) -> Recipe:
     """`Recipe` with ``overrides``, each checked: unknown keys and wrong types are refused with a message."""
-    known = {f.name for f in fields(Recipe)}
-    bad = sorted(set(overrides or {}) - known)
-    if bad:
-        raise ValueError(f"unknown recipe key(s) {bad}; known: {sorted(known)}")
-    recipe = replace(Recipe(), **(overrides or {}))
+    recipe = recipe_from(Recipe, overrides)
     per_factor = {"finetune_effort": (TASK_CLASSES, lambda v: v > 0, "positive numbers"),
                   "mention": (FACTORS, lambda v: 0 <= v <= 1, "probabilities")}
     for f in fields(Recipe):
@@ -397,9 +402,8 @@ def _check_recipe(overrides: dict[str, Any] | None) -> Recipe:
             if not isinstance(value, dict) or any(k not in keys or isinstance(v, bool) or not isinstance(
                     v, (int, float)) or not valid(v) for k, v in value.items()):
                 raise ValueError(f"recipe {f.name} must map factors of {list(keys)} to {what}, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
-                or (f.type == "int" and not isinstance(value, int)):
-            raise ValueError(f"recipe {f.name} must be a positive {f.type}, got {value!r}")
+        else:
+            check_positive(f.name, value, f.type)
     if recipe.element_rate > 1:
         raise ValueError(f"recipe element_rate is a probability, got {recipe.element_rate}")
     if recipe.width % recipe.heads:

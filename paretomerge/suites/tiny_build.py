@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,6 +129,27 @@ class TinyCLIP(nn.Module):
     def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
         features = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
+
+
+def recipe_from(cls: type, overrides: Mapping[str, Any] | None, label: str = "recipe",
+                tuples: tuple[str, ...] = ()) -> Any:
+    """``cls()`` (an embedded suite's recipe dataclass) with ``overrides``, a dict of its fields: anything else, and
+    unknown keys, are refused naming the known ones. Fields in ``tuples`` (lists in YAML) are stored as tuples. The
+    values are the caller's to check (`check_positive`)."""
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ValueError(f"recipe must be a dict of {cls.__name__} fields, got {overrides!r}")
+    known = {f.name for f in fields(cls)}
+    bad = sorted(set(overrides or {}) - known)
+    if bad:
+        raise ValueError(f"unknown {label} key(s) {bad}; known: {sorted(known)}")
+    return replace(cls(), **{k: tuple(v) if k in tuples else v for k, v in (overrides or {}).items()})
+
+
+def check_positive(name: str, value: Any, kind: str) -> None:
+    """Refuse a recipe value that is not a positive ``kind`` (``"int"`` or ``"float"``; a float field takes ints)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
+            or (kind == "int" and not isinstance(value, int)):
+        raise ValueError(f"recipe {name} must be a positive {kind}, got {value!r}")
 
 
 def _batches(num_items: int, batch_size: int, steps: int, generator: torch.Generator):

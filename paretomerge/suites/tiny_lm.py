@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from paretomerge.kernels.builders import hf_causal_lm_settings
 from paretomerge.suites import cache
 from paretomerge.suites.loaders import derive_seed
 from paretomerge.suites.text import TextSuite, Tokens, require_transformers
+from paretomerge.suites.tiny_build import check_positive, recipe_from
 from paretomerge.suites.tiny_lm_build import (
     FAST_LM_RECIPE,
     LMRecipe,
@@ -182,16 +183,7 @@ class TinyLMSuite(TextSuite):
 
 def _check_recipe(overrides: dict[str, Any] | None) -> LMRecipe:
     """`LMRecipe` with ``overrides``, each checked: unknown keys and wrong types are refused with a message."""
-    known = {f.name for f in fields(LMRecipe)}
-    if overrides is not None and not isinstance(overrides, dict):
-        raise ValueError(f"recipe must be a dict of LMRecipe fields, got {overrides!r}")
-    bad = sorted(set(overrides or {}) - known)
-    if bad:
-        raise ValueError(f"unknown TinyLM recipe key(s) {bad}; known: {sorted(known)}")
-    values = dict(overrides or {})
-    if "sentences" in values:
-        values["sentences"] = tuple(values["sentences"])
-    recipe = replace(LMRecipe(), **values)
+    recipe = recipe_from(LMRecipe, overrides, "TinyLM recipe", tuples=("sentences",))
     for f in fields(LMRecipe):
         value = getattr(recipe, f.name)
         if f.name == "sentences":
@@ -200,9 +192,8 @@ def _check_recipe(overrides: dict[str, Any] | None) -> LMRecipe:
         elif f.name in ("noise", "weight_decay"):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ValueError(f"recipe {f.name} must be in [0, 1), got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
-                or (f.type == "int" and not isinstance(value, int)):
-            raise ValueError(f"recipe {f.name} must be a positive {f.type}, got {value!r}")
+        else:
+            check_positive(f.name, value, f.type)
     if recipe.hidden_size % recipe.heads:
         raise ValueError(f"recipe hidden_size={recipe.hidden_size} must be a multiple of heads={recipe.heads}")
     return recipe

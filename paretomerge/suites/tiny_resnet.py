@@ -14,9 +14,10 @@ Cache (``<root>/tiny/resnet-<hash>``): θ0, the fine-tuned networks and heads, a
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from paretomerge.static import static_model
 from paretomerge.suites import cache
 from paretomerge.suites.loaders import derive_seed
 from paretomerge.suites.tiny import FAST_TASKS, TinySuite
-from paretomerge.suites.tiny_build import _train_one_cycle
+from paretomerge.suites.tiny_build import _train_one_cycle, check_positive, recipe_from
 from paretomerge.suites.tiny_images import FACTORS, GENERATOR_VERSION, TASK_CLASSES, render, render_task
 
 FEATURES = 512  # a torchvision ResNet's pooled width with BasicBlocks
@@ -60,19 +61,14 @@ class ResNetRecipe:
 
 
 def _check_resnet_recipe(overrides: dict[str, Any] | None) -> ResNetRecipe:
-    known = {f.name for f in fields(ResNetRecipe)}
-    bad = sorted(set(overrides or {}) - known)
-    if bad:
-        raise ValueError(f"unknown recipe key(s) {bad}; known: {sorted(known)}")
-    recipe = replace(ResNetRecipe(), **{k: tuple(v) if k == "layers" else v for k, v in (overrides or {}).items()})
+    recipe = recipe_from(ResNetRecipe, overrides, tuples=("layers",))
     for f in fields(ResNetRecipe):
         value = getattr(recipe, f.name)
         if f.name == "layers":
             if len(value) != 4 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in value):
                 raise ValueError(f"recipe layers must be four positive ints (blocks per stage), got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
-                or (f.type == "int" and not isinstance(value, int)):
-            raise ValueError(f"recipe {f.name} must be a positive {f.type}, got {value!r}")
+        else:
+            check_positive(f.name, value, f.type)
     return recipe
 
 
@@ -99,23 +95,27 @@ def pretrain_resnet(recipe: ResNetRecipe, seed: int, progress: bool = True) -> d
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def finetune_resnet(recipe: ResNetRecipe, theta0: dict[str, Tensor], images: Tensor, labels: Tensor,
-                    num_classes: int, seed: int, desc: str, progress: bool = True) -> tuple[dict, dict]:
-    """θ_k and its head: the whole ResNet fine-tuned with a new linear head (cross-entropy, AdamW, one-cycle), as MAP
-    fine-tunes ResNet-18. Returns both state dicts."""
-    backbone = recipe.backbone_spec().build()
-    backbone.load_state_dict(theta0)
+def finetune_resnet(theta0: nn.Module, num_classes: int, batch_of: Callable[[Tensor], tuple[Tensor, Tensor]],
+                    num_items: int, steps: int, lr: float, weight_decay: float, batch_size: int, seed: int, desc: str,
+                    progress: bool = True, device: str = "cpu") -> tuple[dict, dict]:
+    """θ_k and its head: a copy of ``theta0`` (a torchvision ResNet whose ``fc`` is an identity) fine-tuned whole with a
+    new linear head (cross-entropy, AdamW, one-cycle: `tiny_build._train_one_cycle`), as MAP fine-tunes ResNet-18.
+    ``batch_of(indices) -> (images, labels)`` reads ``batch_size`` of the ``num_items`` training examples. Returns both
+    state dicts, on the CPU; ``theta0`` is not modified."""
+    backbone = copy.deepcopy(theta0).to(device).train()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        head = nn.Linear(FEATURES, num_classes)
-    backbone.train()
-    optimizer = torch.optim.AdamW([*backbone.parameters(), *head.parameters()], lr=recipe.finetune_lr,
-                                  weight_decay=recipe.weight_decay)
-    _train_one_cycle(optimizer, recipe.finetune_lr, recipe.finetune_steps,
-                     lambda index: F.cross_entropy(head(backbone(images[index])), labels[index]),
-                     len(images), recipe.batch_size, seed, desc, progress)
-    return ({k: v.detach().clone() for k, v in backbone.state_dict().items()},
-            {k: v.detach().clone() for k, v in head.state_dict().items()})
+        head = nn.Linear(theta0.inplanes, num_classes)  # a ResNet's pooled width
+    head.to(device)
+    optimizer = torch.optim.AdamW([*backbone.parameters(), *head.parameters()], lr=lr, weight_decay=weight_decay)
+
+    def loss_of(index: Tensor) -> Tensor:
+        images, labels = batch_of(index)
+        return F.cross_entropy(head(backbone(images.to(device))), labels.to(device))
+
+    _train_one_cycle(optimizer, lr, steps, loss_of, num_items, batch_size, seed, desc, progress)
+    return ({k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()},
+            {k: v.detach().cpu().clone() for k, v in head.state_dict().items()})
 
 
 class TinyResNetSuite(TinySuite):
@@ -215,10 +215,14 @@ class TinyResNetSuite(TinySuite):
         start = time.perf_counter()
         theta0 = pretrain_resnet(recipe, derive_seed(seed, "resnet-pretrain"), progress)
         tensors: dict[str, Any] = {"pretrained": theta0}
+        model = recipe.backbone_spec().build()
+        model.load_state_dict(theta0)
         for k, task in enumerate(self.tasks):
             data = render_task(task, recipe.finetune_images, derive_seed(seed, task, "finetune-images"), "train")
+            images, labels = data.images, data.factors[task]
             tensors[f"finetuned_{task}"], tensors[f"head_{task}"] = finetune_resnet(
-                recipe, theta0, data.images, data.factors[task], len(TASK_CLASSES[task]),
+                model, len(TASK_CLASSES[task]), lambda index, x=images, y=labels: (x[index], y[index]), len(images),
+                recipe.finetune_steps, recipe.finetune_lr, recipe.weight_decay, recipe.batch_size,
                 derive_seed(seed, task, "resnet-finetune"), f"fine-tuning {task} ({k + 1}/{len(self.tasks)})",
                 progress)
         tv, unseen, _ = self._from_cache(tensors, {"build_report": {}})
